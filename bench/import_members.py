@@ -1,0 +1,163 @@
+"""Benchmark: import a 100,000-member group from the sandbox tenant.
+
+Prints members/s, pages, requests and peak RSS for (a) the bare download with httpx (fetch every
+page and discard it: the floor) and (b) groupsync's import (parse, stage, merge into DuckDB,
+publish the snapshot), each in its own process so peak RSS is that phase's own. The sandbox
+serves from a third process. Goal: import within 1.5x of the bare download, peak RSS < 300 MB.
+
+    python bench/import_members.py [--members 100000] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import ssl
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+GROUP = "Bench 100k"
+
+
+def serve(members: int, ready: Any, stop: Any) -> None:
+    from groupsync_pipeline.sandbox.graph import GraphSandbox
+    from groupsync_pipeline.sandbox.seed import build_organisation
+
+    org = build_organisation(users=members + 500, extra_groups={GROUP: members})
+    with GraphSandbox(org) as tenant:
+        group_id = org.group_by_name(GROUP).id
+        ready.send(
+            {
+                "tenant_id": tenant.tenant_id,
+                "client_id": tenant.client_id,
+                "client_secret": tenant.client_secret,
+                "authority_host": tenant.authority_host,
+                "graph_url": tenant.graph_url,
+                "ca_bundle": tenant.ca_bundle,
+                "group_id": group_id,
+            }
+        )
+        stop.recv()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_download(tenant: dict[str, Any], out: Any) -> None:
+    """The floor: one token, then every page fetched with httpx and thrown away."""
+    import httpx
+
+    client = httpx.Client(verify=ssl.create_default_context(cafile=tenant["ca_bundle"]))
+    token = client.post(
+        f"{tenant['authority_host']}/{tenant['tenant_id']}/oauth2/v2.0/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": tenant["client_id"],
+            "client_secret": tenant["client_secret"],
+            "scope": "https://graph.microsoft.com/.default",
+        },
+    ).json()["access_token"]
+    started = time.perf_counter()
+    url: str | None = (
+        f"{tenant['graph_url']}/groups/{tenant['group_id']}/transitiveMembers"
+        "?$select=id,displayName,mail,userPrincipalName,userType,accountEnabled&$top=999"
+    )
+    pages = members = 0
+    while url:
+        body = client.get(url, headers={"Authorization": f"Bearer {token}"}).json()
+        pages += 1
+        members += len(body["value"])
+        url = body.get("@odata.nextLink")
+    out.send(
+        {
+            "seconds": time.perf_counter() - started,
+            "pages": pages,
+            "members": members,
+            "requests": pages,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
+
+
+def pipeline_import(tenant: dict[str, Any], data_dir: str, out: Any) -> None:
+    """groupsync's import: token, resolve, count, stream pages to staging, merge, publish."""
+    from groupsync_pipeline.config import Connection
+    from groupsync_pipeline.imports import import_group_members
+    from groupsync_pipeline.storage.warehouse import Warehouse
+
+    os.environ["BENCH_SECRET"] = tenant["client_secret"]
+    connection = Connection(
+        name="bench",
+        app="office365",
+        tenant_id=tenant["tenant_id"],
+        client_id=tenant["client_id"],
+        client_secret_env="BENCH_SECRET",
+        authority_host=tenant["authority_host"],
+        graph_url=tenant["graph_url"],
+        ca_bundle=tenant["ca_bundle"],
+    )
+    started = time.perf_counter()
+    outcome = import_group_members(connection, tenant["group_id"], Warehouse(data_dir))
+    out.send(
+        {
+            "seconds": time.perf_counter() - started,
+            "pages": outcome.pages,
+            "members": outcome.result.members,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
+
+
+def in_child(target: Any, *args: Any) -> dict[str, Any]:
+    receive, send = mp.Pipe(duplex=False)
+    process = mp.get_context("spawn").Process(target=target, args=(*args, send))
+    process.start()
+    result = receive.recv()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each; the best is kept")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    ready_recv, ready_send = ctx.Pipe(duplex=False)
+    stop_recv, stop_send = ctx.Pipe(duplex=False)
+    server = ctx.Process(target=serve, args=(args.members, ready_send, stop_recv), daemon=True)
+    server.start()
+    tenant = ready_recv.recv()
+    try:
+        bare, piped = [], []
+        for _ in range(args.repeat):
+            bare.append(in_child(bare_download, tenant))
+            with tempfile.TemporaryDirectory() as data_dir:
+                piped.append(in_child(pipeline_import, tenant, data_dir))
+                db_mb = (Path(data_dir) / "groupsync.duckdb").stat().st_size / 2**20
+    finally:
+        stop_send.send("stop")
+        server.join(timeout=10)
+
+    best_bare = min(bare, key=lambda r: r["seconds"])
+    best_pipe = min(piped, key=lambda r: r["seconds"])
+    print(f"group of {args.members:,} members, best of {args.repeat}")
+    for label, r in (("bare httpx download", best_bare), ("groupsync import", best_pipe)):
+        print(
+            f"{label:>22}: {r['seconds']:6.2f} s  {r['members'] / r['seconds']:>9,.0f} members/s  "
+            f"{r['pages']} pages  peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
+    ratio = best_pipe["seconds"] / best_bare["seconds"]
+    print(f"ratio import / bare download: {ratio:.2f}x (goal <= 1.5x)")
+    print(f"published DuckDB file: {db_mb:.1f} MB")
+    assert best_pipe["members"] == args.members, "import lost members"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Open a connector for a configured connection, starting the embedded sandbox when asked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from groupsync_pipeline.config import Connection
+from groupsync_pipeline.connectors.base import Connector, ProgressCallback
+from groupsync_pipeline.connectors.office365 import GraphConnector
+
+
+@contextmanager
+def open_connector(
+    connection: Connection, on_page: ProgressCallback | None = None
+) -> Iterator[Connector]:
+    """A connector for ``connection``; a sandbox connection gets a fresh embedded tenant."""
+    if connection.sandbox:
+        # Imported here: the sandbox is only loaded when a sandbox connection is used.
+        from groupsync_pipeline.sandbox.graph import GraphSandbox
+
+        with (
+            GraphSandbox() as sandbox,
+            GraphConnector(
+                tenant_id=sandbox.tenant_id,
+                client_id=sandbox.client_id,
+                client_secret=sandbox.client_secret,
+                authority_host=sandbox.authority_host,
+                graph_url=sandbox.graph_url,
+                ca_bundle=sandbox.ca_bundle,
+                on_page=on_page,
+            ) as connector,
+        ):
+            yield connector
+        return
+    with GraphConnector(
+        tenant_id=connection.tenant_id,
+        client_id=connection.client_id,
+        client_secret=connection.read_secret(),
+        authority_host=connection.authority_host,
+        graph_url=connection.graph_url,
+        ca_bundle=connection.ca_bundle,
+        on_page=on_page,
+    ) as connector:
+        yield connector

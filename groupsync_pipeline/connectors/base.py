@@ -1,0 +1,94 @@
+"""What every connector returns, and the errors it raises. Pure data: no I/O, no Dagster."""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RemoteGroup:
+    """A group as it exists in the connected app right now."""
+
+    remote_id: str
+    name: str
+    description: str | None
+    mail: str | None
+    kind: str  # e.g. "microsoft365", "security", "mail-enabled security", "distribution"
+    member_count: int | None  # people in the group (nested groups flattened); None if unknown
+
+
+@dataclass(frozen=True)
+class Account:
+    """A person's account in a connected app."""
+
+    account_id: str
+    email: str | None
+    display_name: str | None
+    user_principal_name: str | None
+    user_type: str | None  # the app's own word, e.g. Graph's "Member" / "Guest"
+    is_external: bool
+    enabled: bool | None
+
+
+@dataclass
+class MemberPage:
+    """One page of a group's members: the people, and what else the page held."""
+
+    accounts: list[Account]
+    # Non-person members by type ("group", "device", "servicePrincipal", ...): counted, not stored.
+    other_members: Counter[str] = field(default_factory=Counter)
+
+
+ProgressCallback = Callable[[int, int], None]  # (pages fetched, people so far)
+
+
+class Connector(Protocol):
+    """The small interface every connected app implements."""
+
+    app: str
+
+    def group_catalog(self) -> Iterator[RemoteGroup]: ...
+
+    def find_group(self, reference: str) -> RemoteGroup: ...
+
+    def group_members(self, remote_id: str) -> Iterator[MemberPage]: ...
+
+    def member_count(self, remote_id: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ConnectorError(Exception):
+    """A connected app could not answer what was asked; the message says what to do."""
+
+
+class AuthenticationError(ConnectorError):
+    """The app refused the credentials (token endpoint error or repeated 401)."""
+
+
+class PermissionDeniedError(ConnectorError):
+    """The credentials work but lack a permission (403)."""
+
+
+class VendorError(ConnectorError):
+    """The app answered with an error, or with something that is not its documented answer."""
+
+
+class GroupNotFoundError(ConnectorError):
+    """No group matches the reference; the message lists close matches."""
+
+
+def close_matches(reference: str, candidates: dict[str, str], limit: int = 5) -> list[str]:
+    """Candidates ({label: comparable name}) closest to ``reference``, best first."""
+    lowered = {name.casefold(): label for label, name in candidates.items()}
+    found = difflib.get_close_matches(reference.casefold(), list(lowered), n=limit, cutoff=0.5)
+    contains = [
+        label
+        for name, label in lowered.items()
+        if reference.casefold() in name and label not in {lowered[f] for f in found}
+    ]
+    return [lowered[name] for name in found] + contains[: max(0, limit - len(found))]

@@ -1,0 +1,486 @@
+"""Microsoft Entra ID / Office 365 through Microsoft Graph v1.0 (app-only, client credentials).
+
+Contract: shared/api-reference/CONTRACTS.md. msal gets the token through this connector's own
+httpx client, so one TLS setting (``ca_bundle``) and one timeout cover identity and Graph calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msal
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from groupsync_pipeline.connectors.base import (
+    Account,
+    AuthenticationError,
+    GroupNotFoundError,
+    MemberPage,
+    PermissionDeniedError,
+    ProgressCallback,
+    RemoteGroup,
+    VendorError,
+    close_matches,
+)
+
+PAGE_SIZE = 999  # Graph's documented maximum $top for groups, members and users
+BATCH_SIZE = 20  # Graph's documented maximum requests per $batch
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+USER_TYPE = "#microsoft.graph.user"
+GROUP_SELECT = "id,displayName,description,mail,groupTypes,securityEnabled,mailEnabled"
+MEMBER_SELECT = "id,displayName,mail,userPrincipalName,userType,accountEnabled"
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# Token audiences of the Graph clouds; any other graph_url (a proxy, the sandbox) asks for the
+# public Graph audience.
+_GRAPH_AUDIENCES = (
+    "graph.microsoft.com",
+    "graph.microsoft.us",
+    "dod-graph.microsoft.us",
+    "microsoftgraph.chinacloudapi.cn",
+)
+# Which application permission each path needs, to name it in a 403 message.
+_PERMISSIONS = (
+    ("/groups", "GroupMember.Read.All"),
+    ("/users", "User.Read.All"),
+    ("/domains", "Domain.Read.All"),
+    ("/directoryRoles", "RoleManagement.Read.Directory"),
+    ("/roleManagement", "RoleManagement.Read.Directory"),
+    ("/auditLogs", "AuditLog.Read.All"),
+)
+
+
+class _Retryable(Exception):
+    """A transient failure: throttling, a 5xx, a dropped connection or a garbled page."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: integer, fractional ("2.128") or HTTP-date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def graph_scope(graph_url: str) -> str:
+    host = urlsplit(graph_url).hostname or ""
+    if host in _GRAPH_AUDIENCES:
+        return f"https://{host}/.default"
+    return "https://graph.microsoft.com/.default"
+
+
+def group_kind(group: dict[str, Any]) -> str:
+    if "Unified" in (group.get("groupTypes") or []):
+        return "microsoft365"
+    security, mail = bool(group.get("securityEnabled")), bool(group.get("mailEnabled"))
+    if security and mail:
+        return "mail-enabled security"
+    if security:
+        return "security"
+    return "distribution" if mail else "other"
+
+
+def account_from_user(obj: dict[str, Any]) -> Account:
+    upn = obj.get("userPrincipalName")
+    user_type = obj.get("userType")
+    return Account(
+        account_id=obj["id"],
+        email=obj.get("mail") or upn,
+        display_name=obj.get("displayName"),
+        user_principal_name=upn,
+        user_type=user_type,
+        # Guests, and external people invited as members (their UPN carries #EXT#).
+        is_external=user_type == "Guest" or "#EXT#" in (upn or "").upper(),
+        enabled=obj.get("accountEnabled"),
+    )
+
+
+def _member_type(obj: dict[str, Any]) -> str:
+    odata_type = obj.get("@odata.type")
+    if odata_type:
+        return odata_type.rsplit(".", 1)[-1]
+    # Some answers omit @odata.type; only users carry a userPrincipalName.
+    return "user" if "userPrincipalName" in obj else "unknown"
+
+
+class GraphConnector:
+    """Reads groups and their members from one Microsoft 365 tenant."""
+
+    app = "office365"
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        authority_host: str = "https://login.microsoftonline.com",
+        graph_url: str = "https://graph.microsoft.com/v1.0",
+        ca_bundle: str | None = None,
+        timeout: float = 60.0,
+        max_attempts: int = 8,
+        max_retry_wait: float = 300.0,
+        backoff_initial: float = 1.0,
+        on_page: ProgressCallback | None = None,
+    ) -> None:
+        self.graph_url = graph_url.rstrip("/")
+        self._origin = "{0.scheme}://{0.netloc}".format(urlsplit(self.graph_url))
+        self._authority = f"{authority_host.rstrip('/')}/{tenant_id}"
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._scope = graph_scope(self.graph_url)
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+        )
+        self._http = httpx.Client(
+            verify=verify,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            headers={"User-Agent": "groupsync/0.1"},
+            follow_redirects=False,
+        )
+        self._msal: msal.ConfidentialClientApplication | None = None
+        self._max_attempts = max_attempts
+        self._max_retry_wait = max_retry_wait
+        self._backoff_initial = backoff_initial
+        self.on_page = on_page
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"GraphConnector(authority={self._authority!r}, graph_url={self.graph_url!r})"
+
+    def __enter__(self) -> GraphConnector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- authentication -------------------------------------------------------------------
+
+    def _token(self, force_refresh: bool = False) -> str:
+        if self._msal is None:
+            try:
+                # The constructor fetches the openid-configuration, so it can fail on network.
+                self._msal = msal.ConfidentialClientApplication(
+                    self._client_id,
+                    client_credential=self._client_secret,
+                    authority=self._authority,
+                    instance_discovery=False,
+                    http_client=self._http,
+                )
+            except (ValueError, httpx.HTTPError, json.JSONDecodeError) as exc:
+                raise AuthenticationError(
+                    f"cannot use the identity platform at {self._authority}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+        if force_refresh:
+            self._msal.remove_tokens_for_client()
+        try:
+            result = self._msal.acquire_token_for_client(scopes=[self._scope])
+        except (httpx.HTTPError, ValueError) as exc:
+            raise AuthenticationError(
+                f"token request to {self._authority} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        if "access_token" not in result:
+            description = str(result.get("error_description") or "").splitlines()
+            raise AuthenticationError(
+                f"token request to {self._authority} refused: {result.get('error')}: "
+                f"{description[0] if description else 'no description'}"
+            )
+        return result["access_token"]
+
+    # --- HTTP with retries ------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        return wait_exponential_jitter(
+            multiplier=self._backoff_initial, max=30.0, jitter=self._backoff_initial
+        )(state)
+
+    def _request_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        json_body: Any = None,
+    ) -> Any:
+        """Send one Graph request, retrying transient failures; return the parsed JSON body."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Retryable),
+            wait=self._wait,
+            stop=stop_after_attempt(self._max_attempts) | stop_before_delay(self._max_retry_wait),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._send_once(method, url, params, headers, json_body)
+        except _Retryable as exc:
+            raise VendorError(
+                f"Graph {method} {self._path(url)} still failing after "
+                f"{retrying.statistics.get('attempt_number', '?')} attempts: {exc}"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, str] | None,
+        headers: dict[str, str] | None,
+        json_body: Any,
+    ) -> Any:
+        response = None
+        for refreshed in (False, True):
+            request_headers = {"Authorization": f"Bearer {self._token(force_refresh=refreshed)}"}
+            request_headers.update(headers or {})
+            try:
+                self.requests_sent += 1
+                response = self._http.request(
+                    method, url, params=params, headers=request_headers, json=json_body
+                )
+                body = response.content  # read fully: a truncated body raises here
+            except httpx.TransportError as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc or 'connection problem'}") from None
+            if response.status_code != 401:
+                break
+        assert response is not None
+        status = response.status_code
+        if status in RETRY_STATUSES:
+            raise _Retryable(
+                self._describe(response), parse_retry_after(response.headers.get("Retry-After"))
+            )
+        if status == 401:
+            raise AuthenticationError(
+                f"Graph refused the token twice for {self._path(url)}: {self._describe(response)}"
+            )
+        if status == 403:
+            raise PermissionDeniedError(
+                f"Graph denied {method} {self._path(url)}: the app registration needs the "
+                f"application permission {self._permission_for(url)} (admin consent granted). "
+                f"{self._describe(response)}"
+            )
+        if status >= 400:
+            raise VendorError(f"Graph {method} {self._path(url)}: {self._describe(response)}")
+        if response.headers.get("content-type", "").startswith("text/plain"):
+            return body.decode("utf-8", "replace")
+        try:
+            return json.loads(body)
+        except ValueError:
+            snippet = body[:80].decode("utf-8", "replace")
+            raise _Retryable(
+                f"HTTP {status} with a body that is not JSON "
+                f"({response.headers.get('content-type', 'no content type')}): {snippet!r}"
+            ) from None
+
+    def _path(self, url: str) -> str:
+        return urlsplit(url).path
+
+    def _permission_for(self, url: str) -> str:
+        path = self._path(url).removeprefix(urlsplit(self.graph_url).path)
+        for prefix, permission in _PERMISSIONS:
+            if path.startswith(prefix):
+                return permission
+        return "Directory.Read.All"
+
+    @staticmethod
+    def _describe(response: httpx.Response) -> str:
+        """Status, the vendor's error code and message, and the request id for support."""
+        code = message = None
+        try:
+            error = response.json().get("error")
+            if isinstance(error, dict):
+                code, message = error.get("code"), error.get("message")
+                inner = error.get("innerError") or error.get("innererror") or {}
+            else:
+                inner = {}
+        except (ValueError, AttributeError):
+            inner = {}
+        request_id = inner.get("request-id") or response.headers.get("request-id")
+        parts = [f"HTTP {response.status_code}"]
+        if code:
+            parts.append(str(code))
+        if message:
+            parts.append(str(message)[:300])
+        if request_id:
+            parts.append(f"request-id {request_id}")
+        return ": ".join(parts[:2]) + (" - " + "; ".join(parts[2:]) if len(parts) > 2 else "")
+
+    def _pages(self, path: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Follow @odata.nextLink verbatim until the last page."""
+        url: str | None = f"{self.graph_url}{path}"
+        query: dict[str, str] | None = params
+        while url:
+            page = self._request_json("GET", url, params=query)
+            if not isinstance(page, dict) or not isinstance(page.get("value"), list):
+                raise VendorError(f"Graph GET {self._path(url)}: answer has no 'value' list")
+            yield page
+            url, query = page.get("@odata.nextLink"), None
+            # The bearer token goes wherever nextLink points: only ever to this Graph host.
+            if url and not url.startswith(self._origin + "/"):
+                raise VendorError(f"Graph returned a nextLink to another host: {url[:100]}")
+
+    # --- groups -----------------------------------------------------------------------------
+
+    def group_catalog(self) -> Iterator[RemoteGroup]:
+        """Every group in the tenant, with its number of people, in pages of 999."""
+        for page in self._pages("/groups", {"$select": GROUP_SELECT, "$top": str(PAGE_SIZE)}):
+            groups = [g for g in page["value"] if isinstance(g, dict) and g.get("id")]
+            counts = self._member_counts([g["id"] for g in groups])
+            for group in groups:
+                yield self._remote_group(group, counts.get(group["id"]))
+
+    def _remote_group(self, group: dict[str, Any], count: int | None) -> RemoteGroup:
+        return RemoteGroup(
+            remote_id=group["id"],
+            name=group.get("displayName") or group["id"],
+            description=group.get("description"),
+            mail=group.get("mail"),
+            kind=group_kind(group),
+            member_count=count,
+        )
+
+    def member_count(self, remote_id: str) -> int:
+        """People in the group, nested groups flattened, as Graph counts them."""
+        text = self._request_json(
+            "GET",
+            f"{self.graph_url}/groups/{remote_id}/transitiveMembers/microsoft.graph.user/$count",
+            headers={"ConsistencyLevel": "eventual"},
+        )
+        try:
+            return int(str(text).strip())
+        except ValueError:
+            raise VendorError(f"Graph $count for group {remote_id} is not a number") from None
+
+    def _member_counts(self, group_ids: list[str]) -> dict[str, int]:
+        """Counts for many groups in $batch calls of 20; inner throttling is retried."""
+        counts: dict[str, int] = {}
+        for start in range(0, len(group_ids), BATCH_SIZE):
+            pending = group_ids[start : start + BATCH_SIZE]
+            for _ in range(self._max_attempts):
+                requests = [
+                    {
+                        "id": str(i),
+                        "method": "GET",
+                        "url": f"/groups/{gid}/transitiveMembers/microsoft.graph.user/$count",
+                        "headers": {"ConsistencyLevel": "eventual"},
+                    }
+                    for i, gid in enumerate(pending)
+                ]
+                answer = self._request_json(
+                    "POST", f"{self.graph_url}/$batch", json_body={"requests": requests}
+                )
+                retry, wait = [], 0.0
+                for item in (answer or {}).get("responses", []):
+                    try:
+                        gid = pending[int(item["id"])]
+                    except (KeyError, ValueError, IndexError, TypeError):
+                        continue
+                    status = item.get("status")
+                    if status == 200:
+                        with contextlib.suppress(ValueError):
+                            counts[gid] = int(str(item.get("body")).strip())
+                    elif status in RETRY_STATUSES:
+                        retry.append(gid)
+                        headers = {k.lower(): v for k, v in (item.get("headers") or {}).items()}
+                        wait = max(wait, parse_retry_after(headers.get("retry-after")) or 1.0)
+                if not retry:
+                    break
+                pending = retry
+                time.sleep(min(wait, self._max_retry_wait))
+        return counts
+
+    def find_group(self, reference: str) -> RemoteGroup:
+        """A group by id or exact display name; otherwise an error listing close matches."""
+        reference = reference.strip()
+        if not reference:
+            raise GroupNotFoundError("no group given")
+        if _GUID.match(reference):
+            try:
+                group = self._request_json(
+                    "GET", f"{self.graph_url}/groups/{reference}", params={"$select": GROUP_SELECT}
+                )
+                return self._remote_group(group, self.member_count(reference))
+            except VendorError as exc:
+                if "HTTP 404" not in str(exc):
+                    raise
+        else:
+            literal = reference.replace("'", "''")  # OData string literal escaping
+            found = [
+                group
+                for page in self._pages(
+                    "/groups",
+                    {"$filter": f"displayName eq '{literal}'", "$select": GROUP_SELECT},
+                )
+                for group in page["value"]
+            ]
+            if len(found) == 1:
+                return self._remote_group(found[0], self.member_count(found[0]["id"]))
+            if len(found) > 1:
+                ids = ", ".join(g["id"] for g in found)
+                raise GroupNotFoundError(
+                    f"{len(found)} groups are named '{reference}'; give the group id: {ids}"
+                )
+        names = {
+            f"{g.get('displayName')} ({g['id']})": g.get("displayName") or ""
+            for page in self._pages("/groups", {"$select": "id,displayName", "$top": "999"})
+            for g in page["value"]
+        }
+        matches = close_matches(reference, names)
+        hint = f"; close matches: {'; '.join(matches)}" if matches else ""
+        raise GroupNotFoundError(f"no group '{reference}' in this tenant{hint}")
+
+    def group_members(self, remote_id: str) -> Iterator[MemberPage]:
+        """The group's people, nested groups flattened, page by page (bounded memory)."""
+        pages = members = 0
+        params = {"$select": MEMBER_SELECT, "$top": str(PAGE_SIZE)}
+        for page in self._pages(f"/groups/{remote_id}/transitiveMembers", params):
+            result = MemberPage(accounts=[], other_members=Counter())
+            for obj in page["value"]:
+                if not isinstance(obj, dict) or not obj.get("id"):
+                    result.other_members["invalid"] += 1
+                    continue
+                kind = _member_type(obj)
+                if kind == "user":
+                    result.accounts.append(account_from_user(obj))
+                else:
+                    result.other_members[kind] += 1
+            pages += 1
+            members += len(result.accounts)
+            if self.on_page:
+                self.on_page(pages, members)
+            yield result

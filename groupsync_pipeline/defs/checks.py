@@ -1,0 +1,66 @@
+"""Asset checks on imported memberships, run against the published snapshot."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from groupsync_pipeline.defs.assets import imported_group_members
+from groupsync_pipeline.defs.resources import WarehouseResource
+
+# Each imported group's current member count against the app's own count at its last sync.
+_COUNT_MISMATCHES = """
+SELECT g.group_id, g.name, g.member_count, s.remote_member_count
+FROM user_groups AS g
+JOIN (SELECT group_id, arg_max(remote_member_count, synced_at) AS remote_member_count
+      FROM group_syncs GROUP BY group_id) AS s USING (group_id)
+WHERE g.type = 'imported' AND g.deleted_at IS NULL
+  AND s.remote_member_count IS NOT NULL AND s.remote_member_count <> g.member_count
+ORDER BY g.name
+"""
+
+_DUPLICATE_MEMBERS = """
+SELECT group_id, account_id, count(*) AS open_intervals
+FROM group_memberships WHERE valid_to IS NULL
+GROUP BY group_id, account_id HAVING count(*) > 1
+ORDER BY group_id, account_id
+"""
+
+
+@dg.asset_check(
+    asset=imported_group_members,
+    description="Every imported group holds as many members as the app reported.",
+)
+def member_count_matches_remote(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.get().read() as conn:
+        rows = conn.execute(_COUNT_MISMATCHES).fetchall()
+        groups = conn.execute("SELECT count(*) FROM user_groups WHERE type = 'imported'").fetchall()
+    return dg.AssetCheckResult(
+        passed=not rows,
+        metadata={
+            "groups_checked": groups[0][0],
+            "mismatches": dg.MetadataValue.json(
+                [
+                    {"group_id": r[0], "name": r[1], "stored": r[2], "remote": r[3]}
+                    for r in rows[:50]
+                ]
+            ),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=imported_group_members,
+    description="No account is a current member of the same group twice.",
+)
+def no_duplicate_members(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.get().read() as conn:
+        rows = conn.execute(_DUPLICATE_MEMBERS).fetchall()
+    return dg.AssetCheckResult(
+        passed=not rows,
+        metadata={
+            "duplicates": len(rows),
+            "examples": dg.MetadataValue.json(
+                [{"group_id": r[0], "account_id": r[1], "open_intervals": r[2]} for r in rows[:20]]
+            ),
+        },
+    )

@@ -1,0 +1,122 @@
+"""Import a group's members and refresh group catalogs: the work behind the Dagster assets.
+
+Reads from a connected app stream to a private staging file first; only then is the warehouse
+opened, for one short all-or-nothing transaction. A crash before the merge changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from groupsync_pipeline.config import Connection
+from groupsync_pipeline.connected_apps import open_connector
+from groupsync_pipeline.connectors.base import RemoteGroup
+from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.writes import (
+    MemberStaging,
+    SyncResult,
+    catalog_frame,
+    merge_group_members,
+    replace_catalog,
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ImportOutcome:
+    connection: str
+    group: RemoteGroup
+    result: SyncResult
+    pages: int
+    other_members: dict[str, int]
+    duration_seconds: float
+    preview: pd.DataFrame = field(repr=False)
+
+
+def import_group_members(
+    connection: Connection,
+    group_reference: str,
+    warehouse: Warehouse,
+    *,
+    run_id: str | None = None,
+    log: Log = lambda message: None,
+    progress_every: int = 10,
+) -> ImportOutcome:
+    """Read every member of the group and make the warehouse match, in one transaction."""
+    started = time.monotonic()
+
+    def on_page(pages: int, members: int) -> None:
+        if pages % progress_every == 0:
+            log(f"{connection.name}: {pages} pages fetched, {members} members so far")
+
+    staging = MemberStaging(warehouse.staging_path())
+    try:
+        with open_connector(connection, on_page=on_page) as connector:
+            group = connector.find_group(group_reference)
+            log(
+                f"{connection.name}: importing '{group.name}' ({group.remote_id}), "
+                f"{group.member_count} people per {connector.app}"
+            )
+            for page in connector.group_members(group.remote_id):
+                staging.add(page.accounts, page.other_members)
+        preview = staging.preview()
+        with warehouse.write() as conn:
+            result = merge_group_members(
+                conn,
+                connection=connection,
+                group=group,
+                staging=staging,
+                run_id=run_id,
+                duration_seconds=time.monotonic() - started,
+                now=datetime.now(UTC),
+            )
+    finally:
+        staging.remove()
+    log(
+        f"{connection.name}: '{group.name}' committed: {result.members} members "
+        f"(+{result.joined} / -{result.left}) from {staging.pages} pages"
+    )
+    return ImportOutcome(
+        connection=connection.name,
+        group=group,
+        result=result,
+        pages=staging.pages,
+        other_members=dict(staging.other_members),
+        duration_seconds=time.monotonic() - started,
+        preview=preview,
+    )
+
+
+@dataclass
+class CatalogOutcome:
+    connection: str
+    groups: int
+    with_counts: int
+    duration_seconds: float
+
+
+def refresh_group_catalog(
+    connection: Connection, warehouse: Warehouse, *, log: Log = lambda message: None
+) -> CatalogOutcome:
+    """Replace the connection's catalog with the groups that exist in the app now."""
+    started = time.monotonic()
+    with open_connector(connection) as connector:
+        groups = list(connector.group_catalog())
+    now = datetime.now(UTC)
+    frame = catalog_frame(connection, groups, now)
+    with warehouse.write() as conn:
+        replace_catalog(conn, connection, frame, now)
+    outcome = CatalogOutcome(
+        connection=connection.name,
+        groups=len(groups),
+        with_counts=sum(g.member_count is not None for g in groups),
+        duration_seconds=time.monotonic() - started,
+    )
+    log(f"{connection.name}: catalog of {outcome.groups} groups stored")
+    return outcome

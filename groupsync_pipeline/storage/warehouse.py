@@ -1,0 +1,137 @@
+"""Where the DuckDB files live and who may open them.
+
+DuckDB locks a file for a connection's whole life, and a read-write holder blocks even
+read-only openers in other processes. So the pipeline keeps two files:
+
+* ``warehouse.duckdb``, private to the pipeline. Writers take an exclusive ``flock`` on
+  ``warehouse.lock`` (a second writer waits instead of failing), open the file only for one
+  transaction, and close it; the pipeline's own readers take a shared lock.
+* ``groupsync.duckdb``, the published snapshot people query. After each commit the checkpointed
+  warehouse is copied beside it and renamed over it atomically. An analyst's open session keeps
+  the snapshot it opened (whole, never half-written) and never blocks the pipeline.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+WAREHOUSE_FILE = "warehouse.duckdb"
+PUBLISHED_FILE = "groupsync.duckdb"
+LOCK_FILE = "warehouse.lock"
+STAGING_DIR = "staging"
+
+
+class WarehouseBusyError(RuntimeError):
+    """Another writer held the warehouse for longer than the wait allowed."""
+
+
+def schema_sql() -> str:
+    return resources.files("groupsync_pipeline.storage").joinpath("schema.sql").read_text()
+
+
+class Warehouse:
+    """The pipeline's DuckDB files under one data directory."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], lock_timeout: float = 900.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.lock_timeout = lock_timeout
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.data_dir / WAREHOUSE_FILE
+
+    @property
+    def published_path(self) -> Path:
+        return self.data_dir / PUBLISHED_FILE
+
+    @contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        """Hold the warehouse lock (LOCK_EX to write, LOCK_SH to read), waiting for it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / LOCK_FILE, "a+") as handle:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseBusyError(
+                            f"another groupsync process held {self.warehouse_path} for more "
+                            f"than {self.lock_timeout:.0f} s"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One all-or-nothing transaction on the warehouse, then publish the snapshot."""
+        with self._locked(fcntl.LOCK_EX):
+            conn = duckdb.connect(str(self.warehouse_path))
+            try:
+                conn.execute(schema_sql())
+                conn.execute("BEGIN TRANSACTION")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                conn.execute("CHECKPOINT")  # the copy below must hold everything (no WAL)
+            finally:
+                conn.close()
+            self._publish()
+
+    def _publish(self) -> None:
+        temporary = self.data_dir / f".{PUBLISHED_FILE}.{uuid.uuid4().hex}.tmp"
+        try:
+            shutil.copyfile(self.warehouse_path, temporary)
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.published_path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def ensure_published(self) -> None:
+        """Create the schema and the snapshot if this data directory is new."""
+        if not self.published_path.exists() or not self.warehouse_path.exists():
+            with self.write():
+                pass
+
+    @contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for the pipeline's own reads (checks, CLI listings).
+
+        It reads the private warehouse under a shared lock, not the published snapshot: an
+        analyst holding the snapshot read-write would make any other opener of it fail.
+        """
+        self.ensure_published()
+        with self._locked(fcntl.LOCK_SH):
+            conn = duckdb.connect(str(self.warehouse_path), read_only=True)
+            try:
+                yield conn
+            finally:
+                conn.close()
+
+    def staging_path(self) -> Path:
+        """A fresh private DuckDB file for streaming an import before it is merged."""
+        folder = self.data_dir / STAGING_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        day_ago = time.time() - 86400
+        for old in folder.glob("*.duckdb*"):  # left by runs that were killed
+            if old.stat().st_mtime < day_ago:
+                old.unlink(missing_ok=True)
+        return folder / f"{uuid.uuid4().hex}.duckdb"

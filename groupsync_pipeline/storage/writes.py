@@ -1,0 +1,275 @@
+"""Writes to the warehouse: catalog snapshots, connected apps, and group imports.
+
+Everything is bulk-loaded from DataFrames; nothing is inserted row by row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from groupsync_pipeline.config import Connection
+from groupsync_pipeline.connectors.base import Account, RemoteGroup
+
+ACCOUNT_COLUMNS = (
+    "account_id",
+    "email",
+    "display_name",
+    "user_principal_name",
+    "user_type",
+    "is_external",
+    "enabled",
+)
+_STAGED_DDL = """
+CREATE TABLE IF NOT EXISTS staged_accounts (
+    account_id VARCHAR NOT NULL, email VARCHAR, display_name VARCHAR,
+    user_principal_name VARCHAR, user_type VARCHAR, is_external BOOLEAN NOT NULL, enabled BOOLEAN
+)
+"""
+
+
+def imported_group_id(connection: str, remote_group_id: str) -> str:
+    return f"{connection}:{remote_group_id}"
+
+
+def record_connection(
+    conn: duckdb.DuckDBPyConnection,
+    connection: Connection,
+    now: datetime,
+    tenant_id: str | None = None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO connected_apps (connection, app, tenant_id, first_seen_at)
+        VALUES (?, ?, ?, ?)
+        ON CONFLICT (connection) DO UPDATE SET app = excluded.app,
+            tenant_id = coalesce(excluded.tenant_id, connected_apps.tenant_id)
+        """,
+        [connection.name, connection.app, tenant_id or connection.tenant_id or None, now],
+    )
+
+
+def catalog_frame(
+    connection: Connection, groups: Iterable[RemoteGroup], now: datetime
+) -> pd.DataFrame:
+    rows = [
+        (
+            connection.app,
+            connection.name,
+            g.remote_id,
+            g.name,
+            g.description,
+            g.mail,
+            g.kind,
+            g.member_count,
+            now,
+        )
+        for g in groups
+    ]
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "app",
+            "connection",
+            "remote_group_id",
+            "name",
+            "description",
+            "mail",
+            "kind",
+            "remote_member_count",
+            "seen_at",
+        ],
+    ).astype({"remote_member_count": "Int64"})
+
+
+def replace_catalog(
+    conn: duckdb.DuckDBPyConnection, connection: Connection, catalog: pd.DataFrame, now: datetime
+) -> None:
+    """The connection's catalog becomes exactly ``catalog`` (one transaction)."""
+    record_connection(conn, connection, now)
+    conn.execute("DELETE FROM group_catalog WHERE connection = ?", [connection.name])
+    conn.register("incoming_catalog", catalog)
+    try:
+        conn.execute(
+            "INSERT INTO group_catalog BY NAME SELECT DISTINCT ON (remote_group_id) * "
+            "FROM incoming_catalog"
+        )
+    finally:
+        conn.unregister("incoming_catalog")
+    conn.execute(
+        "UPDATE connected_apps SET catalog_refreshed_at = ? WHERE connection = ?",
+        [now, connection.name],
+    )
+
+
+class MemberStaging:
+    """Streams member pages into a private DuckDB file in chunks, so memory stays bounded."""
+
+    def __init__(self, path: Path, chunk_rows: int = 50_000) -> None:
+        self.path = path
+        self.chunk_rows = chunk_rows
+        self._buffer: dict[str, list[object]] = {column: [] for column in ACCOUNT_COLUMNS}
+        self._buffered = 0
+        self.rows = 0
+        self.other_members: Counter[str] = Counter()
+        self.pages = 0
+        self._conn = duckdb.connect(str(path))
+        self._conn.execute(_STAGED_DDL)
+
+    def add(self, accounts: list[Account], other_members: Counter[str] | None = None) -> None:
+        self.pages += 1
+        if other_members:
+            self.other_members.update(other_members)
+        for account in accounts:
+            for column in ACCOUNT_COLUMNS:
+                self._buffer[column].append(getattr(account, column))
+        self._buffered += len(accounts)
+        self.rows += len(accounts)
+        if self._buffered >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        frame = pd.DataFrame(self._buffer).astype({"is_external": "bool", "enabled": "boolean"})
+        self._conn.register("chunk", frame)
+        self._conn.execute("INSERT INTO staged_accounts BY NAME SELECT * FROM chunk")
+        self._conn.unregister("chunk")
+        self._buffer = {column: [] for column in ACCOUNT_COLUMNS}
+        self._buffered = 0
+
+    def preview(self, limit: int = 10) -> pd.DataFrame:
+        self.flush()
+        return self._conn.execute(
+            "SELECT email, display_name, user_type FROM staged_accounts ORDER BY email LIMIT ?",
+            [limit],
+        ).df()
+
+    def close(self) -> None:
+        self.flush()
+        self._conn.close()
+
+    def remove(self) -> None:
+        self._conn.close()
+        for suffix in ("", ".wal"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    group_id: str
+    members: int
+    joined: int
+    left: int
+    synced_at: datetime
+
+
+def merge_group_members(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    connection: Connection,
+    group: RemoteGroup,
+    staging: MemberStaging,
+    run_id: str | None,
+    duration_seconds: float,
+    now: datetime,
+) -> SyncResult:
+    """Make the group's current members equal the staged ones, keeping history.
+
+    Joins open an interval at ``now``, leaves close one at ``now``; members who stayed are
+    untouched, so re-running the same import changes no membership.
+    """
+    staging.close()
+    group_id = imported_group_id(connection.name, group.remote_id)
+    record_connection(conn, connection, now)
+    quoted = str(staging.path).replace("'", "''")
+    conn.execute(f"ATTACH '{quoted}' AS staging (READ_ONLY)")
+    try:
+        conn.execute(
+            "CREATE OR REPLACE TEMP TABLE incoming AS "
+            "SELECT DISTINCT ON (account_id) * FROM staging.staged_accounts"
+        )
+    finally:
+        conn.execute("DETACH staging")
+    conn.execute(
+        """
+        INSERT INTO accounts (connection, account_id, email, display_name, user_principal_name,
+                              user_type, is_external, enabled, first_seen_at, last_seen_at)
+        SELECT $connection, account_id, email, display_name, user_principal_name, user_type,
+               is_external, enabled, $now, $now
+        FROM incoming
+        ON CONFLICT (connection, account_id) DO UPDATE SET
+            email = excluded.email, display_name = excluded.display_name,
+            user_principal_name = excluded.user_principal_name, user_type = excluded.user_type,
+            is_external = excluded.is_external, enabled = excluded.enabled,
+            last_seen_at = excluded.last_seen_at
+        """,
+        {"connection": connection.name, "now": now},
+    )
+    left = conn.execute(
+        """
+        UPDATE group_memberships SET valid_to = $now
+        WHERE group_id = $group_id AND valid_to IS NULL
+          AND account_id NOT IN (SELECT account_id FROM incoming)
+        """,
+        {"group_id": group_id, "now": now},
+    ).fetchall()[0][0]
+    joined = conn.execute(
+        """
+        INSERT INTO group_memberships (group_id, connection, account_id, valid_from, valid_to)
+        SELECT $group_id, $connection, i.account_id, $now, NULL
+        FROM incoming AS i
+        WHERE i.account_id NOT IN (
+            SELECT account_id FROM group_memberships
+            WHERE group_id = $group_id AND valid_to IS NULL
+        )
+        """,
+        {"group_id": group_id, "connection": connection.name, "now": now},
+    ).fetchall()[0][0]
+    members = conn.execute("SELECT count(*) FROM incoming").fetchall()[0][0]
+    conn.execute(
+        """
+        INSERT INTO user_groups (group_id, name, type, connection, remote_group_id, imported_at,
+                                 last_synced_at, member_count, deleted_at)
+        VALUES ($group_id, $name, 'imported', $connection, $remote_id, $now, $now, $members, NULL)
+        ON CONFLICT (group_id) DO UPDATE SET name = excluded.name,
+            last_synced_at = excluded.last_synced_at, member_count = excluded.member_count,
+            deleted_at = NULL
+        """,
+        {
+            "group_id": group_id,
+            "name": group.name,
+            "connection": connection.name,
+            "remote_id": group.remote_id,
+            "now": now,
+            "members": members,
+        },
+    )
+    conn.execute(
+        """
+        INSERT INTO group_syncs VALUES ($group_id, $now, $run_id, $members, $joined, $left,
+            $remote_count, $other, $nested, $pages, $duration)
+        """,
+        {
+            "group_id": group_id,
+            "now": now,
+            "run_id": run_id,
+            "members": members,
+            "joined": joined,
+            "left": left,
+            "remote_count": group.member_count,
+            "other": json.dumps(dict(sorted(staging.other_members.items()))),
+            "nested": staging.other_members.get("group", 0),
+            "pages": staging.pages,
+            "duration": duration_seconds,
+        },
+    )
+    conn.execute("DROP TABLE incoming")
+    return SyncResult(group_id=group_id, members=members, joined=joined, left=left, synced_at=now)

@@ -1,0 +1,253 @@
+"""The Microsoft Graph connector over real HTTPS against the sandbox tenant."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from groupsync_pipeline.connectors.base import (
+    AuthenticationError,
+    GroupNotFoundError,
+    PermissionDeniedError,
+    VendorError,
+)
+from groupsync_pipeline.connectors.office365 import (
+    GraphConnector,
+    account_from_user,
+    graph_scope,
+    group_kind,
+    parse_retry_after,
+)
+from groupsync_pipeline.sandbox.graph import GraphSandbox
+
+from .conftest import make_connector
+
+API_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "api-reference" / "graph"
+HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
+
+
+def members_of(connector: GraphConnector, remote_id: str) -> tuple[list, dict, int]:
+    accounts, others, pages = [], {}, 0
+    for page in connector.group_members(remote_id):
+        pages += 1
+        accounts.extend(page.accounts)
+        for kind, count in page.other_members.items():
+            others[kind] = others.get(kind, 0) + count
+    return accounts, others, pages
+
+
+def test_catalog_lists_every_group_with_people_counts(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    catalog = {g.remote_id: g for g in connector.group_catalog()}
+    assert len(catalog) == len(sandbox.org.groups) == 40
+    for group_id, group in sandbox.org.groups.items():
+        assert catalog[group_id].name == group.display_name
+        assert catalog[group_id].member_count == len(sandbox.org.transitive_user_ids(group_id))
+    kinds = {g.kind for g in catalog.values()}
+    assert {"microsoft365", "security"} <= kinds
+
+
+def test_large_group_pages_at_999_and_flattens_nesting(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    group = sandbox.org.group_by_name("All Company")
+    sandbox.reset_log()
+    accounts, _, pages = members_of(connector, group.id)
+    expected = sandbox.org.transitive_user_ids(group.id)
+    assert len(expected) > 5000
+    assert pages == -(-len(sandbox.org.transitive_members(group.id)) // 999)
+    assert sorted(a.account_id for a in accounts) == sorted(expected)
+    queries = [unquote(r.query) for r in sandbox.requests if "transitiveMembers" in r.path]
+    assert len(queries) == pages and all("$top=999" in q for q in queries)
+
+
+def test_nested_groups_and_other_member_types_are_counted_not_stored(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    org = sandbox.org
+    checked = 0
+    for group in org.groups.values():
+        members = org.transitive_members(group.id)
+        non_users = [m for m in members if m not in org.users]
+        if not non_users:
+            continue
+        accounts, others, _ = members_of(connector, group.id)
+        assert sorted(a.account_id for a in accounts) == sorted(org.transitive_user_ids(group.id))
+        assert sum(others.values()) == len(non_users)
+        checked += 1
+    assert checked >= 2
+
+
+def test_guests_are_external(sandbox: GraphSandbox, connector: GraphConnector) -> None:
+    group = sandbox.org.group_by_name("All Staff")
+    accounts, _, _ = members_of(connector, group.id)
+    by_id = {a.account_id: a for a in accounts}
+    guests = [u for u in sandbox.org.users.values() if u.id in by_id and u.user_type == "Guest"]
+    assert guests
+    assert all(by_id[u.id].is_external for u in guests)
+    member = next(
+        u
+        for u in sandbox.org.users.values()
+        if u.id in by_id and u.user_type == "Member" and "#EXT#" not in u.user_principal_name
+    )
+    assert not by_id[member.id].is_external
+
+
+def test_find_group_by_id_and_by_hostile_name(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    assert connector.find_group(hr.id).name == "HR"
+    hostile = connector.find_group(HOSTILE)
+    assert hostile.remote_id == sandbox.org.group_by_name(HOSTILE).id
+    assert hostile.member_count == len(sandbox.org.transitive_user_ids(hostile.remote_id))
+
+
+def test_unknown_group_lists_close_matches(connector: GraphConnector) -> None:
+    with pytest.raises(GroupNotFoundError) as raised:
+        connector.find_group("Finanse")
+    assert "no group 'Finanse'" in str(raised.value)
+    assert "Finance (" in str(raised.value)
+    with pytest.raises(GroupNotFoundError, match="no group"):
+        connector.find_group("00000000-0000-4000-8000-000000000000")
+
+
+def test_throttling_honours_fractional_retry_after(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("throttle", path="transitiveMembers", count=2, retry_after="0.3")
+    started = time.monotonic()
+    accounts, _, _ = members_of(connector, hr.id)
+    assert time.monotonic() - started >= 0.6
+    assert len(accounts) == len(sandbox.org.transitive_user_ids(hr.id))
+    assert sandbox.faults.pending() == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("error", {"status": 503}),
+        ("error", {"status": 504}),
+        ("timeout", {"delay": 1.5}),
+        ("truncate", {}),
+        ("garbage", {}),
+        ("drop", {}),
+    ],
+)
+def test_transient_faults_are_retried(sandbox: GraphSandbox, kind: str, options: dict) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add(kind, path="transitiveMembers", count=2, **options)
+    with make_connector(sandbox, timeout=0.5) as graph:
+        accounts, _, _ = members_of(graph, hr.id)
+    assert len(accounts) == len(sandbox.org.transitive_user_ids(hr.id))
+    assert sandbox.faults.pending() == 0
+
+
+def test_persistent_500_fails_with_vendor_code_and_request_id(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("error", path="transitiveMembers", count=100, status=500)
+    with make_connector(sandbox, max_attempts=3) as graph, pytest.raises(VendorError) as raised:
+        members_of(graph, hr.id)
+    message = str(raised.value)
+    assert "after 3 attempts" in message and "HTTP 500" in message
+    assert "request-id" in message
+
+
+def test_throttling_longer_than_the_budget_fails_fast(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("throttle", path="transitiveMembers", count=5, retry_after="120")
+    started = time.monotonic()
+    with make_connector(sandbox, max_retry_wait=2) as graph, pytest.raises(VendorError):
+        members_of(graph, hr.id)
+    assert time.monotonic() - started < 10
+
+
+def test_garbage_forever_is_a_clear_error(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("garbage", path="transitiveMembers", count=100)
+    with make_connector(sandbox, max_attempts=2) as graph, pytest.raises(VendorError) as raised:
+        members_of(graph, hr.id)
+    assert "not JSON" in str(raised.value)
+
+
+def test_missing_permission_fails_at_once_naming_it(sandbox: GraphSandbox) -> None:
+    sandbox.permissions.discard("GroupMember.Read.All")
+    sandbox.permissions.discard("Directory.Read.All")
+    try:
+        sandbox.reset_log()
+        with make_connector(sandbox) as graph, pytest.raises(PermissionDeniedError) as raised:
+            list(graph.group_catalog())
+        assert "GroupMember.Read.All" in str(raised.value)
+        assert sandbox.request_count("/v1.0/groups") == 1  # not retried
+    finally:
+        sandbox.permissions.add("Directory.Read.All")
+
+
+def test_expired_token_is_refreshed_once(sandbox: GraphSandbox, connector: GraphConnector) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    members_of(connector, hr.id)
+    sandbox.expire_tokens()
+    accounts, _, _ = members_of(connector, hr.id)
+    assert len(accounts) == len(sandbox.org.transitive_user_ids(hr.id))
+
+
+def test_wrong_secret_is_an_authentication_error_without_the_secret(
+    sandbox: GraphSandbox,
+) -> None:
+    with (
+        make_connector(sandbox, client_secret="wrong-secret-xyz") as graph,
+        pytest.raises(AuthenticationError) as raised,
+    ):
+        list(graph.group_catalog())
+    assert "AADSTS7000215" in str(raised.value)
+    assert "wrong-secret-xyz" not in str(raised.value)
+
+
+def test_unreachable_identity_platform_is_clear(sandbox: GraphSandbox) -> None:
+    with (
+        make_connector(sandbox, authority_host="https://127.0.0.1:9") as graph,
+        pytest.raises(AuthenticationError, match="identity platform"),
+    ):
+        list(graph.group_catalog())
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("10") == 10
+    assert parse_retry_after("2.128") == pytest.approx(2.128)
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # a past date: at once
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("-3") == 0
+
+
+def test_scopes_for_national_clouds_and_proxies() -> None:
+    assert graph_scope("https://graph.microsoft.us/v1.0") == "https://graph.microsoft.us/.default"
+    assert graph_scope("https://127.0.0.1:8443/v1.0") == "https://graph.microsoft.com/.default"
+
+
+@pytest.mark.skipif(
+    not API_REFERENCE.is_dir(), reason="shared/api-reference is not beside the repo"
+)
+def test_vendor_examples_parse() -> None:
+    groups = json.loads((API_REFERENCE / "groups_list.json").read_text())
+    golf, talk = groups["example1_GET_/v1.0/groups"]["value"]
+    assert group_kind(golf) == "microsoft365"
+    assert group_kind(talk) == "distribution"
+    members = json.loads((API_REFERENCE / "group_members.json").read_text())
+    (user,) = members["GET_/v1.0/groups/02bd9fd6-8f93-4758-87c3-1fb73740a315/transitiveMembers"][
+        "value"
+    ]
+    account = account_from_user(user)
+    assert account.email == "group1@contoso.com" and account.enabled is None
+    users = json.loads((API_REFERENCE / "domains_users.json").read_text())
+    guest = users[
+        "GET_/v1.0/users?$filter=startswith(displayName,'a')&$orderby=displayName&$count=true&$top=1"
+        " (ConsistencyLevel: eventual)"
+    ]["value"][0]
+    assert account_from_user({"id": "x", **guest}).is_external
