@@ -56,6 +56,8 @@ def _sandbox_connections_yaml(tenant: Any, secret_env: str) -> str:
 def _run_config(op: str, op_config: dict[str, Any], connections_file: Path, data_dir: Path) -> dict:
     return {
         "ops": {op: {"config": op_config}},
+        # Progress lines are printed by the demo itself; the full log stays in the run history.
+        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
         "resources": {
             "connections": {"config": {"connections_file": str(connections_file)}},
             "warehouse": {"config": {"data_dir": str(data_dir)}},
@@ -88,7 +90,10 @@ def demo(data_dir: Path) -> None:
         connections_file = data_dir / "demo-connections.yaml"
         connections_file.write_text(_sandbox_connections_yaml(sandbox, DEMO_SECRET_ENV))
         os.environ[DEMO_SECRET_ENV] = sandbox.client_secret  # the sandbox's published fake secret
-        instance = dg.DagsterInstance.local_temp(str(data_dir / "dagster"))
+        (data_dir / "dagster").mkdir(exist_ok=True)
+        instance = dg.DagsterInstance.local_temp(
+            str(data_dir / "dagster"), overrides={"telemetry": {"enabled": False}}
+        )
         catalog_job = defs.resolve_job_def("refresh_group_catalogs")
         import_job = defs.resolve_job_def("import_user_group")
         result = catalog_job.execute_in_process(

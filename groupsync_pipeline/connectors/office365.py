@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ from groupsync_pipeline.connectors.base import (
 )
 
 PAGE_SIZE = 999  # Graph's documented maximum $top for groups, members and users
+PREFETCH_PAGES = 4  # pages fetched ahead of the consumer; bounds memory
 BATCH_SIZE = 20  # Graph's documented maximum requests per $batch
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_TYPE = "#microsoft.graph.user"
@@ -341,18 +344,52 @@ class GraphConnector:
         return ": ".join(parts[:2]) + (" - " + "; ".join(parts[2:]) if len(parts) > 2 else "")
 
     def _pages(self, path: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Follow @odata.nextLink verbatim until the last page."""
-        url: str | None = f"{self.graph_url}{path}"
-        query: dict[str, str] | None = params
-        while url:
-            page = self._request_json("GET", url, params=query)
-            if not isinstance(page, dict) or not isinstance(page.get("value"), list):
-                raise VendorError(f"Graph GET {self._path(url)}: answer has no 'value' list")
-            yield page
-            url, query = page.get("@odata.nextLink"), None
-            # The bearer token goes wherever nextLink points: only ever to this Graph host.
-            if url and not url.startswith(self._origin + "/"):
-                raise VendorError(f"Graph returned a nextLink to another host: {url[:100]}")
+        """Follow @odata.nextLink verbatim until the last page.
+
+        A background thread fetches ahead (at most PREFETCH_PAGES pages held) so parsing and
+        storing overlap the service's time to answer.
+        """
+        ahead: queue.Queue[tuple[dict[str, Any] | None, BaseException | None]] = queue.Queue(
+            maxsize=PREFETCH_PAGES
+        )
+        stop = threading.Event()
+
+        def fetch() -> None:
+            url: str | None = f"{self.graph_url}{path}"
+            query: dict[str, str] | None = params
+            try:
+                while url and not stop.is_set():
+                    page = self._request_json("GET", url, params=query)
+                    if not isinstance(page, dict) or not isinstance(page.get("value"), list):
+                        raise VendorError(
+                            f"Graph GET {self._path(url)}: answer has no 'value' list"
+                        )
+                    url, query = page.get("@odata.nextLink"), None
+                    # The bearer token goes wherever nextLink points: only ever to this host.
+                    if url and (not isinstance(url, str) or not url.startswith(self._origin + "/")):
+                        raise VendorError(
+                            f"Graph returned a nextLink to another host: {url!r:.100}"
+                        )
+                    ahead.put((page, None))
+                ahead.put((None, None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                ahead.put((None, exc))
+
+        fetcher = threading.Thread(target=fetch, name="graph-pages", daemon=True)
+        fetcher.start()
+        try:
+            while True:
+                page, error = ahead.get()
+                if error is not None:
+                    raise error
+                if page is None:
+                    return
+                yield page
+        finally:
+            stop.set()
+            while fetcher.is_alive():  # unblock a producer waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    ahead.get(timeout=0.05)
 
     # --- groups -----------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS user_groups (
     deleted_at      TIMESTAMPTZ            -- set when the group disappeared from the app
 );
 
--- accounts: people's accounts in each connected app, as last seen.
+-- accounts: people's accounts in each connected app, as last seen. One row per
+-- (connection, account_id), kept so by the writer; no index, so bulk merges stay fast.
 CREATE TABLE IF NOT EXISTS accounts (
     connection          VARCHAR NOT NULL,
     account_id          VARCHAR NOT NULL,  -- the app's user id
@@ -51,8 +52,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     is_external         BOOLEAN NOT NULL,  -- guest, or an outside account (#EXT# sign-in name)
     enabled             BOOLEAN,
     first_seen_at       TIMESTAMPTZ NOT NULL,
-    last_seen_at        TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (connection, account_id)
+    last_seen_at        TIMESTAMPTZ NOT NULL
 );
 
 -- group_memberships: membership history. One row per stay of an account in a group:

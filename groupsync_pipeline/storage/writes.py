@@ -18,15 +18,6 @@ import pandas as pd
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, RemoteGroup
 
-ACCOUNT_COLUMNS = (
-    "account_id",
-    "email",
-    "display_name",
-    "user_principal_name",
-    "user_type",
-    "is_external",
-    "enabled",
-)
 _STAGED_DDL = """
 CREATE TABLE IF NOT EXISTS staged_accounts (
     account_id VARCHAR NOT NULL, email VARCHAR, display_name VARCHAR,
@@ -112,45 +103,47 @@ def replace_catalog(
 class MemberStaging:
     """Streams member pages into a private DuckDB file in chunks, so memory stays bounded."""
 
-    def __init__(self, path: Path, chunk_rows: int = 50_000) -> None:
+    def __init__(self, path: Path, chunk_rows: int = 20_000) -> None:
         self.path = path
         self.chunk_rows = chunk_rows
-        self._buffer: dict[str, list[object]] = {column: [] for column in ACCOUNT_COLUMNS}
-        self._buffered = 0
+        self._buffer: list[Account] = []
+        self._sample: list[Account] = []
         self.rows = 0
         self.other_members: Counter[str] = Counter()
         self.pages = 0
         self._conn = duckdb.connect(str(path))
+        # Staged rows stay in the write-ahead log (on disk, so memory stays bounded): the file
+        # is read once by the merge and deleted, so compressing it at close would be wasted.
+        self._conn.execute("SET checkpoint_threshold = '1TB'")
+        self._conn.execute("PRAGMA disable_checkpoint_on_shutdown")
         self._conn.execute(_STAGED_DDL)
 
     def add(self, accounts: list[Account], other_members: Counter[str] | None = None) -> None:
         self.pages += 1
         if other_members:
             self.other_members.update(other_members)
-        for account in accounts:
-            for column in ACCOUNT_COLUMNS:
-                self._buffer[column].append(getattr(account, column))
-        self._buffered += len(accounts)
+        self._buffer.extend(accounts)
+        if len(self._sample) < 10:
+            self._sample.extend(accounts[: 10 - len(self._sample)])
         self.rows += len(accounts)
-        if self._buffered >= self.chunk_rows:
+        if len(self._buffer) >= self.chunk_rows:
             self.flush()
 
     def flush(self) -> None:
-        if not self._buffered:
+        if not self._buffer:
             return
-        frame = pd.DataFrame(self._buffer).astype({"is_external": "bool", "enabled": "boolean"})
+        frame = pd.DataFrame.from_records(self._buffer, columns=Account._fields).astype(
+            {"is_external": "bool", "enabled": "boolean"}
+        )
         self._conn.register("chunk", frame)
         self._conn.execute("INSERT INTO staged_accounts BY NAME SELECT * FROM chunk")
         self._conn.unregister("chunk")
-        self._buffer = {column: [] for column in ACCOUNT_COLUMNS}
-        self._buffered = 0
+        self._buffer = []
 
     def preview(self, limit: int = 10) -> pd.DataFrame:
-        self.flush()
-        return self._conn.execute(
-            "SELECT email, display_name, user_type FROM staged_accounts ORDER BY email LIMIT ?",
-            [limit],
-        ).df()
+        """The first members read, for a look at what was imported."""
+        frame = pd.DataFrame.from_records(self._sample[:limit], columns=Account._fields)
+        return frame[["email", "display_name", "user_type"]]
 
     def close(self) -> None:
         self.flush()
@@ -193,11 +186,28 @@ def merge_group_members(
     conn.execute(f"ATTACH '{quoted}' AS staging (READ_ONLY)")
     try:
         conn.execute(
-            "CREATE OR REPLACE TEMP TABLE incoming AS "
-            "SELECT DISTINCT ON (account_id) * FROM staging.staged_accounts"
+            "CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM staging.staged_accounts"
         )
     finally:
         conn.execute("DETACH staging")
+    rows, distinct = conn.execute(
+        "SELECT count(*), count(DISTINCT account_id) FROM incoming"
+    ).fetchall()[0]
+    if rows != distinct:  # a vendor page repeated someone: keep one row per account
+        conn.execute(
+            "CREATE OR REPLACE TEMP TABLE incoming AS "
+            "SELECT DISTINCT ON (account_id) * FROM incoming"
+        )
+    conn.execute(
+        """
+        UPDATE accounts SET email = i.email, display_name = i.display_name,
+            user_principal_name = i.user_principal_name, user_type = i.user_type,
+            is_external = i.is_external, enabled = i.enabled, last_seen_at = $now
+        FROM incoming AS i
+        WHERE accounts.connection = $connection AND accounts.account_id = i.account_id
+        """,
+        {"connection": connection.name, "now": now},
+    )
     conn.execute(
         """
         INSERT INTO accounts (connection, account_id, email, display_name, user_principal_name,
@@ -205,11 +215,7 @@ def merge_group_members(
         SELECT $connection, account_id, email, display_name, user_principal_name, user_type,
                is_external, enabled, $now, $now
         FROM incoming
-        ON CONFLICT (connection, account_id) DO UPDATE SET
-            email = excluded.email, display_name = excluded.display_name,
-            user_principal_name = excluded.user_principal_name, user_type = excluded.user_type,
-            is_external = excluded.is_external, enabled = excluded.enabled,
-            last_seen_at = excluded.last_seen_at
+        WHERE account_id NOT IN (SELECT account_id FROM accounts WHERE connection = $connection)
         """,
         {"connection": connection.name, "now": now},
     )
@@ -233,7 +239,7 @@ def merge_group_members(
         """,
         {"group_id": group_id, "connection": connection.name, "now": now},
     ).fetchall()[0][0]
-    members = conn.execute("SELECT count(*) FROM incoming").fetchall()[0][0]
+    members = distinct
     conn.execute(
         """
         INSERT INTO user_groups (group_id, name, type, connection, remote_group_id, imported_at,
