@@ -9,6 +9,7 @@ that holds its secret, and the value is read only when a token is requested.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,17 @@ def find_connection(connections: list[Connection], name: str) -> Connection:
             return connection
     known = ", ".join(c.name for c in connections)
     raise ConfigError(f"unknown connection '{name}' (configured: {known})")
+
+
+_EMAIL = re.compile(r"^[^@\s<>(),;:\"\[\]]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+def check_email_address(value: str) -> str:
+    """A single plain address (no display name, no header tricks), or a ConfigError."""
+    address = value.strip()
+    if not _EMAIL.match(address):
+        raise ConfigError(f"not a valid email address: {value!r}")
+    return address
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

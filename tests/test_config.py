@@ -9,6 +9,7 @@ import yaml
 
 from groupsync_pipeline.config import (
     ConfigError,
+    check_email_address,
     data_dir,
     find_connection,
     load_connections,
@@ -127,3 +128,17 @@ def test_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert data_dir(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("GROUPSYNC_DATA_DIR")
     assert data_dir().name == "groupsync-data"
+
+
+@pytest.mark.parametrize("address", ["hr-lead@contoso.com", " a.b+c@sub.example.org "])
+def test_good_email_addresses(address: str) -> None:
+    assert check_email_address(address) == address.strip()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["nobody", "a@b", "Name <a@b.com>", "a@b.com\r\nBcc: x@evil.com", "a@b.com, c@d.com", ""],
+)
+def test_bad_email_addresses(address: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid email address"):
+        check_email_address(address)

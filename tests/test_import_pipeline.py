@@ -8,7 +8,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from groupsync_pipeline.defs.assets import imported_group_members
+from groupsync_pipeline.defs.checks import member_count_matches_remote, no_duplicate_members
+from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.sandbox.graph import GraphSandbox
+from groupsync_pipeline.storage.warehouse import Warehouse
 
 from .pipeline_helpers import (
     check_results,
@@ -162,3 +166,44 @@ def test_bundled_sandbox_connection_works_with_no_configuration(
     )
     assert result.success
     assert query(tmp_path / "data", "SELECT name FROM user_groups") == [("IT admins",)]
+
+
+def test_checks_fail_on_count_mismatch_and_duplicate_members(
+    instance: dg.DagsterInstance, connections_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    assert import_group(instance, "Legal", connections_file, data).success
+    with Warehouse(data).write() as conn:
+        # The app said one more person than we hold, and one member got a second open interval.
+        conn.execute("UPDATE group_syncs SET remote_member_count = remote_member_count + 1")
+        conn.execute("INSERT INTO group_memberships SELECT * FROM group_memberships LIMIT 1")
+    result = dg.materialize(
+        [imported_group_members, member_count_matches_remote, no_duplicate_members],
+        selection=dg.AssetSelection.checks_for_assets(imported_group_members),
+        resources={
+            "warehouse": WarehouseResource(data_dir=str(data)),
+            "connections": ConnectionsResource(connections_file=str(connections_file)),
+        },
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert check_results(result) == {
+        "member_count_matches_remote": False,
+        "no_duplicate_members": False,
+    }
+
+
+def test_invalid_notify_email_fails_before_anything_is_written(
+    instance: dg.DagsterInstance, connections_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    result = run_job(
+        instance,
+        "import_user_group",
+        {"connection": "contoso", "group": "HR", "notify_email": "hr@contoso.com\nBcc: x@evil.com"},
+        connections_file,
+        data,
+    )
+    assert not result.success
+    assert "notify_email: not a valid email address" in failure_message(result)
+    assert not (data / "groupsync.duckdb").exists()

@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
+from groupsync_pipeline.config import ConfigError, check_email_address
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.imports import import_group_members, refresh_group_catalog
@@ -68,6 +69,11 @@ def imported_group_members(
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
     connection = connections.get(config.connection)
+    if config.notify_email is not None:
+        try:
+            check_email_address(config.notify_email)
+        except ConfigError as exc:
+            raise dg.Failure(description=f"notify_email: {exc}") from None
     try:
         outcome = import_group_members(
             connection,
@@ -93,6 +99,7 @@ def imported_group_members(
             "pages_fetched": outcome.pages,
             "non_person_members": dg.MetadataValue.json(outcome.other_members),
             "duration_seconds": round(outcome.duration_seconds, 2),
+            "notify_email": config.notify_email,
             "preview": dg.MetadataValue.md(outcome.preview.to_markdown(index=False)),
         }
     )
