@@ -18,6 +18,7 @@ from groupsync_pipeline.connectors.base import (
 from groupsync_pipeline.connectors.office365 import (
     GraphConnector,
     account_from_user,
+    batch_count,
     graph_scope,
     group_kind,
     parse_retry_after,
@@ -251,3 +252,12 @@ def test_vendor_examples_parse() -> None:
         " (ConsistencyLevel: eventual)"
     ]["value"][0]
     assert account_from_user({"id": "x", **guest}).is_external
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [(42, 42), ("42", 42), (" 7 ", 7), ("NDI=", 42), ("MTIzNDU=", 12345), ("1234", 1234),
+     ("", None), (None, None), (True, None), ({"error": {}}, None), ("abc", None)],
+)
+def test_count_inside_batch_in_every_observed_form(body: object, expected: int | None) -> None:
+    assert batch_count(body) == expected

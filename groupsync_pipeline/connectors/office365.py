@@ -6,6 +6,8 @@ httpx client, so one TLS setting (``ca_bundle``) and one timeout cover identity 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import queue
@@ -17,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import msal
@@ -91,6 +93,24 @@ def parse_retry_after(value: str | None) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
+
+
+def batch_count(body: Any) -> int | None:
+    """A $count answered inside $batch: a number, its text, or its text base64-encoded
+    (Graph encodes inner bodies that are not JSON). Base64 of digits never reads as digits:
+    a digit-only text decodes to a first byte above 0xBF, so the two cannot be confused."""
+    if isinstance(body, bool):
+        return None
+    if isinstance(body, int):
+        return body
+    if not isinstance(body, str):
+        return None
+    text = body.strip()
+    with contextlib.suppress(ValueError, binascii.Error):
+        decoded = base64.b64decode(text, validate=True).decode("ascii").strip()
+        if decoded.isdigit():
+            return int(decoded)
+    return int(text) if text.isdigit() else None
 
 
 def graph_scope(graph_url: str) -> str:
@@ -364,12 +384,15 @@ class GraphConnector:
                         raise VendorError(
                             f"Graph GET {self._path(url)}: answer has no 'value' list"
                         )
-                    url, query = page.get("@odata.nextLink"), None
-                    # The bearer token goes wherever nextLink points: only ever to this host.
-                    if url and (not isinstance(url, str) or not url.startswith(self._origin + "/")):
+                    next_link = page.get("@odata.nextLink")
+                    if next_link is not None and not isinstance(next_link, str):
                         raise VendorError(
-                            f"Graph returned a nextLink to another host: {url!r:.100}"
+                            f"Graph returned a nextLink that is not a URL: {next_link!r:.100}"
                         )
+                    url, query = (urljoin(url, next_link) if next_link else None), None
+                    # The bearer token goes wherever nextLink points: only ever to this host.
+                    if url and not url.startswith(self._origin + "/"):
+                        raise VendorError(f"Graph returned a nextLink to another host: {url:.100}")
                     ahead.put((page, None))
                 ahead.put((None, None))
             except BaseException as exc:  # handed to the consumer, raised there
@@ -449,8 +472,9 @@ class GraphConnector:
                         continue
                     status = item.get("status")
                     if status == 200:
-                        with contextlib.suppress(ValueError):
-                            counts[gid] = int(str(item.get("body")).strip())
+                        count = batch_count(item.get("body"))
+                        if count is not None:
+                            counts[gid] = count
                     elif status in RETRY_STATUSES:
                         retry.append(gid)
                         headers = {k.lower(): v for k, v in (item.get("headers") or {}).items()}
