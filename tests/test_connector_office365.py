@@ -256,8 +256,27 @@ def test_vendor_examples_parse() -> None:
 
 @pytest.mark.parametrize(
     ("body", "expected"),
-    [(42, 42), ("42", 42), (" 7 ", 7), ("NDI=", 42), ("MTIzNDU=", 12345), ("1234", 1234),
-     ("", None), (None, None), (True, None), ({"error": {}}, None), ("abc", None)],
+    [
+        (42, 42),
+        ("42", 42),
+        (" 7 ", 7),
+        ("NDI=", 42),
+        ("MTIzNDU=", 12345),
+        ("1234", 1234),
+        ("", None),
+        (None, None),
+        (True, None),
+        ({"error": {}}, None),
+        ("abc", None),
+    ],
 )
 def test_count_inside_batch_in_every_observed_form(body: object, expected: int | None) -> None:
     assert batch_count(body) == expected
+
+
+def test_next_link_to_another_host_is_refused(sandbox: GraphSandbox) -> None:
+    group = sandbox.org.group_by_name("All Company")
+    sandbox.faults.add("foreign_next_link", path="transitiveMembers")
+    with make_connector(sandbox) as graph, pytest.raises(VendorError, match="another host"):
+        members_of(graph, group.id)
+    assert not any("attacker" in r.path for r in sandbox.requests)

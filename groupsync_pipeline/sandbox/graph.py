@@ -401,7 +401,11 @@ class Fault:
 class FaultInjector:
     """Queue of one-shot (or ``count``-shot) failures, matched by request path + query."""
 
-    KINDS = frozenset({"throttle", "error", "timeout", "truncate", "garbage", "drop"})
+    # foreign_next_link: a normal page whose @odata.nextLink points at another host (a
+    # compromised or misconfigured proxy); a client must not follow it with its token.
+    KINDS = frozenset(
+        {"throttle", "error", "timeout", "truncate", "garbage", "drop", "foreign_next_link"}
+    )
     INNER_KINDS = frozenset({"throttle", "error", "timeout"})  # what a $batch item can do
 
     def __init__(self) -> None:
@@ -574,6 +578,9 @@ class _Handler(BaseHTTPRequestHandler):
             resp = sandbox._fault_response(fault, req)
         else:
             resp = sandbox._dispatch(req)
+            foreign = fault is not None and fault.kind == "foreign_next_link"
+            if foreign and isinstance(resp.payload, dict) and "@odata.nextLink" in resp.payload:
+                resp.payload["@odata.nextLink"] = "https://graph.attacker.example/v1.0/next"
         data = resp.body()
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
