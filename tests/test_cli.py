@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -9,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from groupsync_pipeline.cli import main
+from groupsync_pipeline.config import load_connections
+from groupsync_pipeline.connected_apps import open_connector
 
 
 def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
@@ -43,3 +49,28 @@ def test_connections_command_lists_and_validates(
     refused = CliRunner().invoke(main, ["connections"])
     assert refused.exit_code == 1
     assert f"{bad}: connection 'x': field 'colour': unknown field" in refused.output
+
+
+def test_standalone_sandbox_prints_a_working_connections_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groupsync = Path(sys.executable).with_name("groupsync")
+    server = subprocess.Popen(
+        [str(groupsync), "sandbox"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert server.stdout is not None
+        lines = []
+        while not (line := server.stdout.readline()).startswith("# export"):
+            assert line, "sandbox exited early"
+            lines.append(line)
+        secret = line.split("=", 1)[1].split()[0]
+        config = tmp_path / "connections.yaml"
+        config.write_text("".join(lines))
+        monkeypatch.setenv("SANDBOX_CLIENT_SECRET", secret)
+        (connection,) = load_connections(config)
+        with open_connector(connection) as connector:
+            assert connector.find_group("HR").member_count
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=10)
