@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -63,6 +64,8 @@ class Connection:
         return value
 
 
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _REQUIRED = ("name", "app", "tenant_id", "client_id", "client_secret_env")
 _OPTIONAL = ("authority_host", "graph_url", "ca_bundle", "sandbox")
 _SANDBOX_ALLOWED = ("name", "app", "sandbox")
@@ -127,8 +130,8 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
             raise fail(key, "must be a non-empty string")
     if "name" not in entry:
         raise fail("name", "missing")
-    if not all(ch.isalnum() or ch in "-_." for ch in entry["name"]):
-        raise fail("name", "use letters, digits, '-', '_' or '.' only")
+    if not _NAME.match(entry["name"]):
+        raise fail("name", "use ASCII letters, digits, '-', '_' or '.' only")
     if "app" not in entry:
         raise fail("app", "missing")
     app = entry["app"]
@@ -149,8 +152,16 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
         if key not in entry:
             raise fail(key, "missing")
     for key in ("authority_host", "graph_url"):
-        if key in entry and not entry[key].startswith("https://"):
-            raise fail(key, "must be an https:// URL")
+        if key in entry:
+            url = urlsplit(entry[key])
+            if url.scheme != "https" or not url.hostname or url.query or url.fragment:
+                raise fail(key, "must be an https:// URL with a host (no query)")
+    for key in ("tenant_id", "client_id"):
+        # Both go into URLs and form fields: refuse anything that could change their meaning.
+        if not _IDENTIFIER.match(entry[key]):
+            raise fail(
+                key, "use the id as shown in the app registration (letters, digits, '-', '.')"
+            )
     ca_bundle = entry.get("ca_bundle")
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         raise fail("ca_bundle", f"file not found: {ca_bundle}")

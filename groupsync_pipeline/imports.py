@@ -15,7 +15,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connected_apps import open_connector
-from groupsync_pipeline.connectors.base import RemoteGroup
+from groupsync_pipeline.connectors.base import RemoteGroup, VendorError
 from groupsync_pipeline.storage.warehouse import Warehouse
 from groupsync_pipeline.storage.writes import (
     MemberStaging,
@@ -65,6 +65,12 @@ def import_group_members(
             )
             for page in connector.group_members(group.remote_id):
                 staging.add(page.accounts, page.other_members)
+        if staging.rows == 0 and group.member_count:
+            # One empty answer must not end every membership of a group the app says is full.
+            raise VendorError(
+                f"{connector.app} listed no members for '{group.name}' although it counts "
+                f"{group.member_count}; nothing was changed"
+            )
         preview = staging.preview()
         with warehouse.write() as conn:
             result = merge_group_members(
@@ -119,4 +125,9 @@ def refresh_group_catalog(
         duration_seconds=time.monotonic() - started,
     )
     log(f"{connection.name}: catalog of {outcome.groups} groups stored")
+    if outcome.with_counts < outcome.groups:
+        log(
+            f"{connection.name}: {outcome.groups - outcome.with_counts} groups have no member "
+            "count (the app did not give one); remote_member_count is NULL for them"
+        )
     return outcome

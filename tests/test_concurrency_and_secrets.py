@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -112,8 +113,13 @@ def test_concurrent_writers_queue_and_both_commit(connections_file: Path, tmp_pa
 
 
 def test_secret_never_reaches_logs_run_config_errors_or_database(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Every library at DEBUG, as someone chasing a problem would run it.
+    caplog.set_level(logging.DEBUG)
     canary = f"canary-secret-{uuid.uuid4().hex}"
     with GraphSandbox(client_secret=canary) as tenant:
         monkeypatch.setenv(SECRET_ENV, canary)
@@ -133,6 +139,7 @@ def test_secret_never_reaches_logs_run_config_errors_or_database(
                     assert canary not in str(record)
     captured = capfd.readouterr()
     assert canary not in captured.out + captured.err
+    assert caplog.records and canary not in caplog.text
     for path in data.rglob("*"):
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path

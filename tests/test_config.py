@@ -68,6 +68,10 @@ def test_environment_variable_names_the_file(
         ({"ca_bundle": "/nonexistent/ca.pem"}, "ca_bundle", "file not found"),
         ({"tenant_id": 42}, "tenant_id", "non-empty string"),
         ({"sandbox": "yes"}, "sandbox", "true or false"),
+        ({"authority_host": "https://"}, "authority_host", "with a host"),
+        ({"graph_url": "https://graph.example/v1.0?x=1"}, "graph_url", "no query"),
+        ({"tenant_id": "contoso/../evil"}, "tenant_id", "use the id"),
+        ({"client_id": "id with spaces"}, "client_id", "use the id"),
     ],
 )
 def test_bad_field_names_file_connection_and_field(
@@ -95,6 +99,11 @@ def test_missing_name_is_reported_by_position(tmp_path: Path) -> None:
     entry = {k: v for k, v in GOOD.items() if k != "name"}
     with pytest.raises(ConfigError, match=r"connection #1: field 'name': missing"):
         load_connections(write(tmp_path, entry))
+
+
+def test_names_are_plain_ascii(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="field 'name': use ASCII letters"):
+        load_connections(write(tmp_path, {**GOOD, "name": "cöntoso"}))
 
 
 def test_sandbox_connection_takes_no_urls(tmp_path: Path) -> None:

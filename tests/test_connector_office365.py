@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -112,10 +113,15 @@ def test_find_group_by_id_and_by_hostile_name(
 def test_unknown_group_lists_close_matches(connector: GraphConnector) -> None:
     with pytest.raises(GroupNotFoundError) as raised:
         connector.find_group("Finanse")
-    assert "no group 'Finanse'" in str(raised.value)
-    assert "Finance (" in str(raised.value)
-    with pytest.raises(GroupNotFoundError, match="no group"):
+    assert "no group named exactly 'Finanse'" in str(raised.value)
+    assert "close matches: Finance (" in str(raised.value)
+    # Graph matches names without regard to case; an import takes the exact name only.
+    with pytest.raises(GroupNotFoundError, match=r"exactly 'hr'.*close matches: HR \("):
+        connector.find_group("hr")
+    with pytest.raises(GroupNotFoundError, match="no group with id 00000000-"):
         connector.find_group("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(GroupNotFoundError, match="no group given"):
+        connector.find_group("   ")
 
 
 def test_throttling_honours_fractional_retry_after(
@@ -280,3 +286,136 @@ def test_next_link_to_another_host_is_refused(sandbox: GraphSandbox) -> None:
     with make_connector(sandbox) as graph, pytest.raises(VendorError, match="another host"):
         members_of(graph, group.id)
     assert not any("attacker" in r.path for r in sandbox.requests)
+
+
+# What other implementations of the API may answer, and the sandbox never does on its own.
+@pytest.mark.parametrize(
+    ("answer", "content_type", "status", "message"),
+    [
+        ('{"value": null}', "application/json", 200, "no 'value' list"),
+        ('{"value": [], "@odata.nextLink": 42}', "application/json", 200, "nextLink is not a URL"),
+        (
+            '{"error": {"code": "Weird", "innerError": "oops"}}',
+            "application/json",
+            400,
+            "HTTP 400: Weird",
+        ),
+        ("", "application/json", 204, "HTTP 204 with a body that is not JSON"),
+        ("[1, 2", "application/json", 404, "HTTP 404"),
+    ],
+)
+def test_malformed_pages_fail_clearly_without_retrying(
+    sandbox: GraphSandbox, answer: str, content_type: str, status: int, message: str
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add(
+        "respond", path="transitiveMembers", status=status, body=answer, content_type=content_type
+    )
+    sandbox.reset_log()
+    with make_connector(sandbox) as graph, pytest.raises(VendorError, match=message):
+        members_of(graph, hr.id)
+    assert sandbox.request_count("/v1.0/groups/") == 1
+
+
+def test_redirects_are_not_followed(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("respond", path="transitiveMembers", status=302, body="")
+    with make_connector(sandbox) as graph, pytest.raises(VendorError, match="unexpected redirect"):
+        members_of(graph, hr.id)
+
+
+def test_members_with_nulls_and_unknown_types_are_counted_not_crashed(
+    sandbox: GraphSandbox,
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    page = {
+        "value": [
+            {
+                "@odata.type": "#microsoft.graph.user",
+                "id": "u1",
+                "mail": None,
+                "userPrincipalName": "x_fabrikam.example#EXT#@t.onmicrosoft.com",
+                "displayName": None,
+                "userType": None,
+                "accountEnabled": None,
+            },
+            {"id": "u2", "userPrincipalName": "b@contoso.example"},  # no @odata.type
+            {"@odata.type": None, "id": "x1"},
+            {"@odata.type": "#microsoft.graph.orgContact", "id": "c1"},
+            {"@odata.type": "#microsoft.graph.futureThing", "id": "f1"},
+            {"@odata.type": "#microsoft.graph.user", "id": None},
+            "not an object",
+        ]
+    }
+    sandbox.faults.add("respond", path="transitiveMembers", body=json.dumps(page))
+    with make_connector(sandbox) as graph:
+        accounts, others, _ = members_of(graph, hr.id)
+    assert [a.account_id for a in accounts] == ["u1", "u2"]
+    assert accounts[0].is_external and accounts[0].email.startswith("x_fabrikam")
+    assert others == {"unknown": 1, "orgContact": 1, "futureThing": 1, "invalid": 2}
+
+
+def test_count_that_is_not_a_number_is_an_error(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("respond", path=r"\$count", body="lots", content_type="text/plain")
+    with make_connector(sandbox) as graph, pytest.raises(VendorError, match="not a number"):
+        graph.find_group(hr.id)
+
+
+def test_permission_denied_inside_batch_names_the_permission(sandbox: GraphSandbox) -> None:
+    denied = {
+        "responses": [
+            {
+                "id": str(i),
+                "status": 403,
+                "headers": {},
+                "body": {
+                    "error": {
+                        "code": "Authorization_RequestDenied",
+                        "message": "Insufficient privileges",
+                    }
+                },
+            }
+            for i in range(20)
+        ]
+    }
+    sandbox.faults.add("respond", path=r"\$batch", body=json.dumps(denied))
+    with (
+        make_connector(sandbox) as graph,
+        pytest.raises(PermissionDeniedError, match="GroupMember.Read.All"),
+    ):
+        list(graph.group_catalog())
+
+
+def test_batch_answer_that_is_not_an_object_is_an_error(sandbox: GraphSandbox) -> None:
+    sandbox.faults.add("respond", path=r"\$batch", body="[]")
+    with make_connector(sandbox) as graph, pytest.raises(VendorError, match="'responses'"):
+        list(graph.group_catalog())
+
+
+def test_counts_still_throttled_at_the_end_are_left_unknown(sandbox: GraphSandbox) -> None:
+    sandbox.faults.add(
+        "throttle",
+        path="transitiveMembers/microsoft.graph.user/$count",
+        count=10_000,
+        retry_after="0.05",
+    )
+    try:
+        with make_connector(sandbox, max_attempts=2) as graph:
+            catalog = list(graph.group_catalog())
+    finally:
+        sandbox.faults.clear()
+    assert len(catalog) == 40 and all(g.member_count is None for g in catalog)
+
+
+def test_stopping_early_does_not_wait_for_a_throttled_page(sandbox: GraphSandbox) -> None:
+    group = sandbox.org.group_by_name("All Company")
+    sandbox.faults.add("throttle", path="skiptoken", count=100, retry_after="30")
+    with make_connector(sandbox) as graph:
+        pages = graph.group_members(group.id)
+        next(pages)
+        started = time.monotonic()
+        pages.close()
+        assert time.monotonic() - started < 3
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name == "graph-pages"]

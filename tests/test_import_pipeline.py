@@ -12,7 +12,7 @@ from groupsync_pipeline.defs.assets import imported_group_members
 from groupsync_pipeline.defs.checks import member_count_matches_remote, no_duplicate_members
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.sandbox.graph import GraphSandbox
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.warehouse import Warehouse, WarehousePublishError
 
 from .pipeline_helpers import (
     check_results,
@@ -207,3 +207,39 @@ def test_invalid_notify_email_fails_before_anything_is_written(
     assert not result.success
     assert "notify_email: not a valid email address" in failure_message(result)
     assert not (data / "groupsync.duckdb").exists()
+
+
+def test_an_empty_answer_for_a_populated_group_changes_nothing(
+    sandbox: GraphSandbox, instance: dg.DagsterInstance, connections_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    assert import_group(instance, "HR", connections_file, data).success
+    before = query(data, "SELECT * FROM group_memberships ORDER BY account_id")
+    sandbox.faults.add("respond", path=r"transitiveMembers\?", body='{"value": []}')
+    result = import_group(instance, "HR", connections_file, data)
+    assert not result.success
+    assert "listed no members for 'HR' although it counts" in failure_message(result)
+    assert query(data, "SELECT * FROM group_memberships ORDER BY account_id") == before
+
+
+def test_a_snapshot_that_failed_to_publish_is_published_by_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warehouse = Warehouse(tmp_path / "data")
+    warehouse.ensure_published()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("groupsync_pipeline.storage.warehouse.shutil.copyfile", full_disk)
+        with (
+            pytest.raises(WarehousePublishError, match="committed, but publishing"),
+            warehouse.write() as conn,
+        ):
+            conn.execute("INSERT INTO connected_apps VALUES ('c', 'office365', NULL, now(), NULL)")
+    # Committed in the warehouse, not yet visible to analysts.
+    with warehouse.read() as conn:
+        assert conn.execute("SELECT count(*) FROM connected_apps").fetchall() == [(1,)]
+    warehouse.ensure_published()
+    assert query(tmp_path / "data", "SELECT connection FROM connected_apps") == [("c",)]

@@ -76,6 +76,10 @@ class PermissionDeniedError(ConnectorError):
 class VendorError(ConnectorError):
     """The app answered with an error, or with something that is not its documented answer."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the app answered with one
+
 
 class GroupNotFoundError(ConnectorError):
     """No group matches the reference; the message lists close matches."""

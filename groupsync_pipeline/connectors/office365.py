@@ -11,6 +11,7 @@ import binascii
 import contextlib
 import json
 import queue
+import random
 import re
 import ssl
 import threading
@@ -29,7 +30,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    stop_when_event_set,
 )
 
 from groupsync_pipeline.connectors.base import (
@@ -148,7 +149,7 @@ def account_from_user(obj: dict[str, Any]) -> Account:
 
 def _member_type(obj: dict[str, Any]) -> str:
     odata_type = obj.get("@odata.type")
-    if odata_type:
+    if isinstance(odata_type, str) and odata_type:
         return odata_type.rsplit(".", 1)[-1]
     # Some answers omit @odata.type; only users carry a userPrincipalName.
     return "user" if "userPrincipalName" in obj else "unknown"
@@ -194,7 +195,8 @@ class GraphConnector:
         self._max_retry_wait = max_retry_wait
         self._backoff_initial = backoff_initial
         self.on_page = on_page
-        self.requests_sent = 0
+        # Pages are fetched on a background thread: the token and msal's set-up are shared.
+        self._token_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the secret
         return f"GraphConnector(authority={self._authority!r}, graph_url={self.graph_url!r})"
@@ -211,6 +213,10 @@ class GraphConnector:
     # --- authentication -------------------------------------------------------------------
 
     def _token(self, force_refresh: bool = False) -> str:
+        with self._token_lock:
+            return self._token_locked(force_refresh)
+
+    def _token_locked(self, force_refresh: bool) -> str:
         if self._msal is None:
             try:
                 # The constructor fetches the openid-configuration, so it can fail on network.
@@ -245,12 +251,12 @@ class GraphConnector:
     # --- HTTP with retries ------------------------------------------------------------------
 
     def _wait(self, state: RetryCallState) -> float:
+        """The service's Retry-After when it gave one, else exponential backoff with jitter."""
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             return exc.retry_after
-        return wait_exponential_jitter(
-            multiplier=self._backoff_initial, max=30.0, jitter=self._backoff_initial
-        )(state)
+        backoff = self._backoff_initial * 2 ** (state.attempt_number - 1)
+        return min(30.0, backoff) + random.uniform(0, self._backoff_initial)
 
     def _request_json(
         self,
@@ -260,12 +266,23 @@ class GraphConnector:
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         json_body: Any = None,
+        cancel: threading.Event | None = None,
     ) -> Any:
-        """Send one Graph request, retrying transient failures; return the parsed JSON body."""
+        """Send one Graph request, retrying transient failures; return the parsed body.
+
+        Retries stop after ``max_attempts``, before a wait would pass ``max_retry_wait`` in
+        all, or as soon as ``cancel`` is set (its waits are interruptible).
+        """
+        cancel = cancel or threading.Event()
         retrying = Retrying(
             retry=retry_if_exception_type(_Retryable),
             wait=self._wait,
-            stop=stop_after_attempt(self._max_attempts) | stop_before_delay(self._max_retry_wait),
+            stop=(
+                stop_after_attempt(self._max_attempts)
+                | stop_before_delay(self._max_retry_wait)
+                | stop_when_event_set(cancel)
+            ),
+            sleep=cancel.wait,
             reraise=True,
         )
         try:
@@ -277,7 +294,7 @@ class GraphConnector:
                 f"Graph {method} {self._path(url)} still failing after "
                 f"{retrying.statistics.get('attempt_number', '?')} attempts: {exc}"
             ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     def _send_once(
         self,
@@ -288,11 +305,10 @@ class GraphConnector:
         json_body: Any,
     ) -> Any:
         response = None
-        for refreshed in (False, True):
+        for refreshed in (False, True):  # a 401 refreshes the token once
             request_headers = {"Authorization": f"Bearer {self._token(force_refresh=refreshed)}"}
             request_headers.update(headers or {})
             try:
-                self.requests_sent += 1
                 response = self._http.request(
                     method, url, params=params, headers=request_headers, json=json_body
                 )
@@ -303,32 +319,38 @@ class GraphConnector:
                 break
         assert response is not None
         status = response.status_code
+        where = f"Graph {method} {self._path(url)}"
         if status in RETRY_STATUSES:
             raise _Retryable(
                 self._describe(response), parse_retry_after(response.headers.get("Retry-After"))
             )
         if status == 401:
             raise AuthenticationError(
-                f"Graph refused the token twice for {self._path(url)}: {self._describe(response)}"
+                f"{where}: the token was refused twice: {self._describe(response)}"
             )
         if status == 403:
             raise PermissionDeniedError(
-                f"Graph denied {method} {self._path(url)}: the app registration needs the "
-                f"application permission {self._permission_for(url)} (admin consent granted). "
-                f"{self._describe(response)}"
+                f"{where} denied: the app registration needs the application permission "
+                f"{self._permission_for(url)} (with admin consent). {self._describe(response)}"
             )
+        if 300 <= status < 400:  # never followed: the bearer token would go along
+            location = response.headers.get("Location", "no Location")
+            raise VendorError(f"{where}: unexpected redirect HTTP {status} to {location}", status)
         if status >= 400:
-            raise VendorError(f"Graph {method} {self._path(url)}: {self._describe(response)}")
+            raise VendorError(f"{where}: {self._describe(response)}", status)
         if response.headers.get("content-type", "").startswith("text/plain"):
             return body.decode("utf-8", "replace")
         try:
             return json.loads(body)
         except ValueError:
-            snippet = body[:80].decode("utf-8", "replace")
-            raise _Retryable(
+            problem = (
                 f"HTTP {status} with a body that is not JSON "
-                f"({response.headers.get('content-type', 'no content type')}): {snippet!r}"
-            ) from None
+                f"({response.headers.get('content-type', 'no content type')}): "
+                f"{body[:80].decode('utf-8', 'replace')!r}"
+            )
+            if status == 200:  # a proxy's error page or a cut answer: worth another try
+                raise _Retryable(problem) from None
+            raise VendorError(f"{where}: {problem}", status) from None
 
     def _path(self, url: str) -> str:
         return urlsplit(url).path
@@ -343,60 +365,66 @@ class GraphConnector:
     @staticmethod
     def _describe(response: httpx.Response) -> str:
         """Status, the vendor's error code and message, and the request id for support."""
-        code = message = None
+        code = message = request_id = None
         try:
             error = response.json().get("error")
-            if isinstance(error, dict):
-                code, message = error.get("code"), error.get("message")
-                inner = error.get("innerError") or error.get("innererror") or {}
-            else:
-                inner = {}
         except (ValueError, AttributeError):
-            inner = {}
-        request_id = inner.get("request-id") or response.headers.get("request-id")
-        parts = [f"HTTP {response.status_code}"]
+            error = None
+        if isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+            inner = error.get("innerError") or error.get("innererror")
+            if isinstance(inner, dict):
+                request_id = inner.get("request-id")
+        request_id = request_id or response.headers.get("request-id")
+        text = f"HTTP {response.status_code}"
         if code:
-            parts.append(str(code))
-        if message:
-            parts.append(str(message)[:300])
+            text += f": {str(code)[:100]}"
+        details = [str(message)[:300]] if message else []
         if request_id:
-            parts.append(f"request-id {request_id}")
-        return ": ".join(parts[:2]) + (" - " + "; ".join(parts[2:]) if len(parts) > 2 else "")
+            details.append(f"request-id {str(request_id)[:100]}")
+        return text + (" - " + "; ".join(details) if details else "")
 
     def _pages(self, path: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Follow @odata.nextLink verbatim until the last page.
+        """Follow @odata.nextLink as given until the last page.
 
         A background thread fetches ahead (at most PREFETCH_PAGES pages held) so parsing and
-        storing overlap the service's time to answer.
+        storing overlap the service's time to answer. When the caller stops early, the thread
+        is told to stop; its retry waits end at once.
         """
         ahead: queue.Queue[tuple[dict[str, Any] | None, BaseException | None]] = queue.Queue(
             maxsize=PREFETCH_PAGES
         )
         stop = threading.Event()
 
+        def hand_over(item: tuple[dict[str, Any] | None, BaseException | None]) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ahead.put(item, timeout=0.1)
+                    return True
+            return False
+
         def fetch() -> None:
             url: str | None = f"{self.graph_url}{path}"
             query: dict[str, str] | None = params
             try:
-                while url and not stop.is_set():
-                    page = self._request_json("GET", url, params=query)
+                while url:
+                    page = self._request_json("GET", url, params=query, cancel=stop)
                     if not isinstance(page, dict) or not isinstance(page.get("value"), list):
                         raise VendorError(
                             f"Graph GET {self._path(url)}: answer has no 'value' list"
                         )
                     next_link = page.get("@odata.nextLink")
                     if next_link is not None and not isinstance(next_link, str):
-                        raise VendorError(
-                            f"Graph returned a nextLink that is not a URL: {next_link!r:.100}"
-                        )
+                        raise VendorError(f"Graph GET {self._path(url)}: nextLink is not a URL")
                     url, query = (urljoin(url, next_link) if next_link else None), None
                     # The bearer token goes wherever nextLink points: only ever to this host.
                     if url and not url.startswith(self._origin + "/"):
                         raise VendorError(f"Graph returned a nextLink to another host: {url:.100}")
-                    ahead.put((page, None))
-                ahead.put((None, None))
-            except BaseException as exc:  # handed to the consumer, raised there
-                ahead.put((None, exc))
+                    if not hand_over((page, None)):
+                        return
+                hand_over((None, None))
+            except BaseException as exc:  # whatever ends this thread is raised in the caller's
+                hand_over((None, exc))
 
         fetcher = threading.Thread(target=fetch, name="graph-pages", daemon=True)
         fetcher.start()
@@ -410,9 +438,8 @@ class GraphConnector:
                 yield page
         finally:
             stop.set()
-            while fetcher.is_alive():  # unblock a producer waiting on a full queue
-                with contextlib.suppress(queue.Empty):
-                    ahead.get(timeout=0.05)
+            # A request in flight ends at its timeout at worst; the thread is a daemon.
+            fetcher.join(timeout=1.0)
 
     # --- groups -----------------------------------------------------------------------------
 
@@ -441,89 +468,116 @@ class GraphConnector:
             f"{self.graph_url}/groups/{remote_id}/transitiveMembers/microsoft.graph.user/$count",
             headers={"ConsistencyLevel": "eventual"},
         )
-        try:
-            return int(str(text).strip())
-        except ValueError:
-            raise VendorError(f"Graph $count for group {remote_id} is not a number") from None
+        count = batch_count(text)
+        if count is None:
+            raise VendorError(f"Graph $count for group {remote_id} is not a number: {text!r:.40}")
+        return count
 
     def _member_counts(self, group_ids: list[str]) -> dict[str, int]:
-        """Counts for many groups in $batch calls of 20; inner throttling is retried."""
+        """Counts for many groups in $batch calls of 20.
+
+        Inner throttling is retried within the same budget as any request; an inner 401/403
+        fails like a top-level one; a group whose count cannot be had (deleted meanwhile,
+        still throttled at the end) is left out and its count stays unknown.
+        """
         counts: dict[str, int] = {}
         for start in range(0, len(group_ids), BATCH_SIZE):
             pending = group_ids[start : start + BATCH_SIZE]
-            for _ in range(self._max_attempts):
+            deadline = time.monotonic() + self._max_retry_wait
+            for attempt in range(1, self._max_attempts + 1):
+                by_id = {str(i): gid for i, gid in enumerate(pending)}
                 requests = [
                     {
-                        "id": str(i),
+                        "id": request_id,
                         "method": "GET",
                         "url": f"/groups/{gid}/transitiveMembers/microsoft.graph.user/$count",
                         "headers": {"ConsistencyLevel": "eventual"},
                     }
-                    for i, gid in enumerate(pending)
+                    for request_id, gid in by_id.items()
                 ]
                 answer = self._request_json(
                     "POST", f"{self.graph_url}/$batch", json_body={"requests": requests}
                 )
-                retry, wait = [], 0.0
-                for item in (answer or {}).get("responses", []):
-                    try:
-                        gid = pending[int(item["id"])]
-                    except (KeyError, ValueError, IndexError, TypeError):
+                responses = answer.get("responses") if isinstance(answer, dict) else None
+                if not isinstance(responses, list):
+                    raise VendorError("Graph POST /$batch: answer has no 'responses' list")
+                retry: list[str] = []
+                wait = 0.0
+                for item in responses:
+                    gid = by_id.get(str(item.get("id"))) if isinstance(item, dict) else None
+                    if gid is None:
                         continue
                     status = item.get("status")
+                    headers = item.get("headers")
+                    headers = (
+                        {str(k).lower(): v for k, v in headers.items()}
+                        if isinstance(headers, dict)
+                        else {}
+                    )
                     if status == 200:
                         count = batch_count(item.get("body"))
                         if count is not None:
                             counts[gid] = count
+                    elif status in (401, 403):
+                        raise PermissionDeniedError(
+                            f"Graph denied counting the members of group {gid} (HTTP {status} "
+                            f"inside $batch): the app registration needs the application "
+                            f"permission GroupMember.Read.All (with admin consent)."
+                        )
                     elif status in RETRY_STATUSES:
                         retry.append(gid)
-                        headers = {k.lower(): v for k, v in (item.get("headers") or {}).items()}
-                        wait = max(wait, parse_retry_after(headers.get("retry-after")) or 1.0)
-                if not retry:
+                        after = parse_retry_after(str(headers.get("retry-after") or ""))
+                        backoff = self._backoff_initial * 2 ** (attempt - 1)
+                        wait = max(wait, after if after is not None else backoff)
+                if not retry or attempt == self._max_attempts:
                     break
+                if time.monotonic() + wait > deadline:
+                    break
+                time.sleep(wait)
                 pending = retry
-                time.sleep(min(wait, self._max_retry_wait))
         return counts
 
     def find_group(self, reference: str) -> RemoteGroup:
         """A group by id or exact display name; otherwise an error listing close matches."""
         reference = reference.strip()
         if not reference:
-            raise GroupNotFoundError("no group given")
+            raise GroupNotFoundError("no group given: name a group id or its exact display name")
         if _GUID.match(reference):
             try:
                 group = self._request_json(
                     "GET", f"{self.graph_url}/groups/{reference}", params={"$select": GROUP_SELECT}
                 )
-                return self._remote_group(group, self.member_count(reference))
             except VendorError as exc:
-                if "HTTP 404" not in str(exc):
+                if exc.status != 404:
                     raise
-        else:
-            literal = reference.replace("'", "''")  # OData string literal escaping
-            found = [
-                group
-                for page in self._pages(
-                    "/groups",
-                    {"$filter": f"displayName eq '{literal}'", "$select": GROUP_SELECT},
-                )
-                for group in page["value"]
-            ]
-            if len(found) == 1:
-                return self._remote_group(found[0], self.member_count(found[0]["id"]))
-            if len(found) > 1:
-                ids = ", ".join(g["id"] for g in found)
-                raise GroupNotFoundError(
-                    f"{len(found)} groups are named '{reference}'; give the group id: {ids}"
-                )
+                raise GroupNotFoundError(f"no group with id {reference} in this tenant") from None
+            return self._remote_group(group, self.member_count(reference))
+        literal = reference.replace("'", "''")  # OData string literal escaping
+        # Graph compares display names without regard to case; an import wants the exact name.
+        found = [
+            group
+            for page in self._pages(
+                "/groups", {"$filter": f"displayName eq '{literal}'", "$select": GROUP_SELECT}
+            )
+            for group in page["value"]
+            if isinstance(group, dict) and group.get("displayName") == reference and group.get("id")
+        ]
+        if len(found) == 1:
+            return self._remote_group(found[0], self.member_count(found[0]["id"]))
+        if len(found) > 1:
+            ids = ", ".join(g["id"] for g in found)
+            raise GroupNotFoundError(
+                f"{len(found)} groups are named '{reference}'; give the group id: {ids}"
+            )
         names = {
-            f"{g.get('displayName')} ({g['id']})": g.get("displayName") or ""
+            f"{g.get('displayName')} ({g['id']})": str(g.get("displayName") or "")
             for page in self._pages("/groups", {"$select": "id,displayName", "$top": "999"})
             for g in page["value"]
+            if isinstance(g, dict) and g.get("id")
         }
         matches = close_matches(reference, names)
         hint = f"; close matches: {'; '.join(matches)}" if matches else ""
-        raise GroupNotFoundError(f"no group '{reference}' in this tenant{hint}")
+        raise GroupNotFoundError(f"no group named exactly '{reference}' in this tenant{hint}")
 
     def group_members(self, remote_id: str) -> Iterator[MemberPage]:
         """The group's people, nested groups flattened, page by page (bounded memory)."""

@@ -40,6 +40,9 @@ def group_catalog(
             context.log.error(f"{connection.name}: catalog refresh failed: {exc}")
             continue
         metadata[f"{connection.name} groups"] = outcome.groups
+        metadata[f"{connection.name} groups without a member count"] = (
+            outcome.groups - outcome.with_counts
+        )
         metadata[f"{connection.name} seconds"] = round(outcome.duration_seconds, 2)
     if failures:
         raise dg.Failure(description="; ".join(failures), metadata=metadata)
@@ -50,7 +53,9 @@ class ImportGroupConfig(dg.Config):
     connection: str = Field(description="Name of the connection (see the connections file).")
     group: str = Field(description="The group's id in the app, or its exact display name.")
     notify_email: str | None = Field(
-        default=None, description="Optional address to tell when the import is done."
+        default=None,
+        description="Optional address to notify when the import is done (validated and "
+        "recorded now; sending arrives with import requests).",
     )
 
 

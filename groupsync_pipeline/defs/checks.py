@@ -1,4 +1,4 @@
-"""Asset checks on imported memberships, run against the published snapshot."""
+"""Asset checks on imported memberships, read from the warehouse."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from groupsync_pipeline.defs.resources import WarehouseResource
 _COUNT_MISMATCHES = """
 SELECT g.group_id, g.name, g.member_count, s.remote_member_count
 FROM user_groups AS g
-JOIN (SELECT group_id, arg_max(remote_member_count, synced_at) AS remote_member_count
+JOIN (SELECT group_id, arg_max_null(remote_member_count, synced_at) AS remote_member_count
       FROM group_syncs GROUP BY group_id) AS s USING (group_id)
 WHERE g.type = 'imported' AND g.deleted_at IS NULL
   AND s.remote_member_count IS NOT NULL AND s.remote_member_count <> g.member_count

@@ -388,6 +388,8 @@ class Fault:
     retry_after: str | None
     delay: float
     _regex: re.Pattern[str] | None = field(default=None, repr=False)
+    body: bytes | None = None  # for "respond": the exact answer
+    content_type: str = "application/json"
 
     def matches(self, targets: Iterable[str]) -> bool:
         if not self.path:
@@ -403,8 +405,19 @@ class FaultInjector:
 
     # foreign_next_link: a normal page whose @odata.nextLink points at another host (a
     # compromised or misconfigured proxy); a client must not follow it with its token.
+    # respond: answer exactly ``status`` / ``body`` / ``content_type`` (what no fake sends on
+    # its own: malformed or surprising answers from other implementations of the API).
     KINDS = frozenset(
-        {"throttle", "error", "timeout", "truncate", "garbage", "drop", "foreign_next_link"}
+        {
+            "throttle",
+            "error",
+            "timeout",
+            "truncate",
+            "garbage",
+            "drop",
+            "foreign_next_link",
+            "respond",
+        }
     )
     INNER_KINDS = frozenset({"throttle", "error", "timeout"})  # what a $batch item can do
 
@@ -421,6 +434,8 @@ class FaultInjector:
         status: int | None = None,
         retry_after: str | None = None,
         delay: float = 0.0,
+        body: bytes | str | None = None,
+        content_type: str = "application/json",
     ) -> Fault:
         """Fail the next ``count`` requests whose path+query contains/regex-matches ``path``."""
         if kind not in self.KINDS:
@@ -431,7 +446,9 @@ class FaultInjector:
             regex: re.Pattern[str] | None = re.compile(path) if path else None
         except re.error:
             regex = None  # not a regex (e.g. "$count(") - substring match still applies
-        fault = Fault(kind, path, count, status, retry_after, delay, regex)
+        if isinstance(body, str):
+            body = body.encode()
+        fault = Fault(kind, path, count, status, retry_after, delay, regex, body, content_type)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -574,6 +591,8 @@ class _Handler(BaseHTTPRequestHandler):
             fault = None
         if fault is not None and fault.kind == "garbage":
             resp = _Response(200, _GARBAGE_HTML, "text/html; charset=utf-8")
+        elif fault is not None and fault.kind == "respond":
+            resp = _Response(fault.status or 200, fault.body or b"", fault.content_type)
         elif fault is not None and fault.kind in ("throttle", "error"):
             resp = sandbox._fault_response(fault, req)
         else:

@@ -13,6 +13,7 @@ read-only openers in other processes. So the pipeline keeps two files:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -29,10 +30,15 @@ WAREHOUSE_FILE = "warehouse.duckdb"
 PUBLISHED_FILE = "groupsync.duckdb"
 LOCK_FILE = "warehouse.lock"
 STAGING_DIR = "staging"
+PUBLISH_PENDING = ".publish-pending"  # present from a commit until its snapshot is published
 
 
 class WarehouseBusyError(RuntimeError):
     """Another writer held the warehouse for longer than the wait allowed."""
+
+
+class WarehousePublishError(RuntimeError):
+    """A commit succeeded but the snapshot people read could not be replaced yet."""
 
 
 def schema_sql() -> str:
@@ -80,6 +86,8 @@ class Warehouse:
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One all-or-nothing transaction on the warehouse, then publish the snapshot."""
         with self._locked(fcntl.LOCK_EX):
+            if self._pending_marker.exists():  # an earlier commit was never published
+                self._publish()
             conn = duckdb.connect(str(self.warehouse_path))
             try:
                 conn.execute(schema_sql())
@@ -89,25 +97,46 @@ class Warehouse:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
+                self._pending_marker.touch()  # set before COMMIT: a crash after it republishes
                 conn.execute("COMMIT")
                 conn.execute("CHECKPOINT")  # the copy below must hold everything (no WAL)
             finally:
                 conn.close()
             self._publish()
 
+    @property
+    def _pending_marker(self) -> Path:
+        return self.data_dir / PUBLISH_PENDING
+
     def _publish(self) -> None:
+        """Copy the warehouse beside the snapshot and rename it over the snapshot."""
         temporary = self.data_dir / f".{PUBLISHED_FILE}.{uuid.uuid4().hex}.tmp"
         try:
             shutil.copyfile(self.warehouse_path, temporary)
             with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, self.published_path)
+            directory = os.open(self.data_dir, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            raise WarehousePublishError(
+                f"the change is committed, but publishing {self.published_path} failed "
+                f"({exc.strerror or exc}); the next run publishes it again"
+            ) from exc
         finally:
             temporary.unlink(missing_ok=True)
+        self._pending_marker.unlink(missing_ok=True)
 
     def ensure_published(self) -> None:
-        """Create the schema and the snapshot if this data directory is new."""
-        if not self.published_path.exists() or not self.warehouse_path.exists():
+        """Create the schema and the snapshot if new; republish one left stale by a crash."""
+        if (
+            not self.published_path.exists()
+            or not self.warehouse_path.exists()
+            or self._pending_marker.exists()
+        ):
             with self.write():
                 pass
 
@@ -132,6 +161,7 @@ class Warehouse:
         folder.mkdir(parents=True, exist_ok=True)
         day_ago = time.time() - 86400
         for old in folder.glob("*.duckdb*"):  # left by runs that were killed
-            if old.stat().st_mtime < day_ago:
-                old.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another import may be removing its own
+                if old.is_file() and old.stat().st_mtime < day_ago:
+                    old.unlink()
         return folder / f"{uuid.uuid4().hex}.duckdb"

@@ -260,7 +260,9 @@ def merge_group_members(
     )
     conn.execute(
         """
-        INSERT INTO group_syncs VALUES ($group_id, $now, $run_id, $members, $joined, $left,
+        INSERT INTO group_syncs (group_id, synced_at, run_id, members, joined, "left",
+            remote_member_count, other_members, nested_groups, pages, duration_seconds)
+        VALUES ($group_id, $now, $run_id, $members, $joined, $left,
             $remote_count, $other, $nested, $pages, $duration)
         """,
         {
