@@ -38,17 +38,7 @@ def serve(members: int, latency_ms: float, ready: Any, stop: Any) -> None:
                 "timeout", path="transitiveMembers", count=10**9, delay=latency_ms / 1000
             )
         group_id = org.group_by_name(GROUP).id
-        ready.send(
-            {
-                "tenant_id": tenant.tenant_id,
-                "client_id": tenant.client_id,
-                "client_secret": tenant.client_secret,
-                "authority_host": tenant.authority_host,
-                "graph_url": tenant.graph_url,
-                "ca_bundle": tenant.ca_bundle,
-                "group_id": group_id,
-            }
-        )
+        ready.send({**tenant.connection_settings(), "group_id": group_id})
         stop.recv()
 
 

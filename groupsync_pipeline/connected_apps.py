@@ -21,15 +21,7 @@ def open_connector(
 
         with (
             GraphSandbox() as sandbox,
-            GraphConnector(
-                tenant_id=sandbox.tenant_id,
-                client_id=sandbox.client_id,
-                client_secret=sandbox.client_secret,
-                authority_host=sandbox.authority_host,
-                graph_url=sandbox.graph_url,
-                ca_bundle=sandbox.ca_bundle,
-                on_page=on_page,
-            ) as connector,
+            GraphConnector(**sandbox.connection_settings(), on_page=on_page) as connector,
         ):
             yield connector
         return

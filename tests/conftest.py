@@ -32,12 +32,7 @@ def _clean_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def make_connector(tenant: GraphSandbox, **overrides: object) -> GraphConnector:
     options: dict[str, object] = {
-        "tenant_id": tenant.tenant_id,
-        "client_id": tenant.client_id,
-        "client_secret": tenant.client_secret,
-        "authority_host": tenant.authority_host,
-        "graph_url": tenant.graph_url,
-        "ca_bundle": tenant.ca_bundle,
+        **tenant.connection_settings(),
         "backoff_initial": 0.05,
         "timeout": 5.0,
     }

@@ -757,6 +757,17 @@ class GraphSandbox:
         """A client context trusting this sandbox's certificate."""
         return ssl.create_default_context(cafile=self.ca_bundle)
 
+    def connection_settings(self) -> dict[str, str]:
+        """What a client needs to reach this tenant, named as GraphConnector's arguments."""
+        return {
+            "tenant_id": self.tenant_id,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "authority_host": self.authority_host,
+            "graph_url": self.graph_url,
+            "ca_bundle": self.ca_bundle,
+        }
+
     # -- request log and tokens --------------------------------------------------------------
     def _record(self, req: _Request, status: int) -> None:
         with self._log_lock:
