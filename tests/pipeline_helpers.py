@@ -57,6 +57,11 @@ def query(data_dir: Path, sql: str, params: list[Any] | None = None) -> list[tup
         conn.close()
 
 
+def memberships(data_dir: Path) -> list[tuple]:
+    """Every membership interval, in a stable order: to show that nothing changed."""
+    return query(data_dir, "SELECT * FROM group_memberships ORDER BY group_id, account_id")
+
+
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(
         str(event.event_specific_data.error.message)

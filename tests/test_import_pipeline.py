@@ -19,6 +19,7 @@ from .pipeline_helpers import (
     failure_message,
     import_group,
     materialization,
+    memberships,
     query,
     run_job,
 )
@@ -68,10 +69,10 @@ def test_reimport_is_idempotent_and_tracks_joins_and_leaves(
 ) -> None:
     data = tmp_path / "data"
     assert import_group(instance, "Finance", connections_file, data).success
-    before = query(data, "SELECT * FROM group_memberships ORDER BY account_id")
+    before = memberships(data)
     again = import_group(instance, "Finance", connections_file, data)
     assert materialization(again)["joined"] == 0 and materialization(again)["left"] == 0
-    assert query(data, "SELECT * FROM group_memberships ORDER BY account_id") == before
+    assert memberships(data) == before
 
     finance = sandbox.org.group_by_name("Finance")
     leaver = next(m for m in finance.members if m in sandbox.org.users)
@@ -122,14 +123,14 @@ def test_crash_mid_import_changes_nothing(
 ) -> None:
     data = tmp_path / "data"
     assert import_group(instance, "HR", connections_file, data).success
-    before = query(data, "SELECT * FROM group_memberships ORDER BY account_id")
+    before = memberships(data)
     # Page 3 of All Company never comes back: the import fails after two pages were staged.
     sandbox.faults.add("error", path="skiptoken", count=1, status=400)
     result = import_group(instance, "All Company", connections_file, data)
     sandbox.faults.clear()
     assert not result.success
     assert "HTTP 400" in failure_message(result)
-    assert query(data, "SELECT * FROM group_memberships ORDER BY account_id") == before
+    assert memberships(data) == before
     assert query(data, "SELECT count(*) FROM user_groups") == [(1,)]
     assert list((data / "staging").glob("*")) == []
 
@@ -214,12 +215,12 @@ def test_an_empty_answer_for_a_populated_group_changes_nothing(
 ) -> None:
     data = tmp_path / "data"
     assert import_group(instance, "HR", connections_file, data).success
-    before = query(data, "SELECT * FROM group_memberships ORDER BY account_id")
+    before = memberships(data)
     sandbox.faults.add("respond", path=r"transitiveMembers\?", body='{"value": []}')
     result = import_group(instance, "HR", connections_file, data)
     assert not result.success
     assert "listed no members for 'HR' although it counts" in failure_message(result)
-    assert query(data, "SELECT * FROM group_memberships ORDER BY account_id") == before
+    assert memberships(data) == before
 
 
 def test_a_snapshot_that_failed_to_publish_is_published_by_the_next_write(
