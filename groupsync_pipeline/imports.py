@@ -47,8 +47,13 @@ def import_group_members(
     run_id: str | None = None,
     log: Log = lambda message: None,
     progress_every: int = 10,
+    on_merged: Callable[[ImportOutcome], None] | None = None,
 ) -> ImportOutcome:
-    """Read every member of the group and make the warehouse match, in one transaction."""
+    """Read every member of the group and make the warehouse match, in one transaction.
+
+    ``on_merged`` runs inside that transaction, after the merge: an exception from it undoes
+    the import.
+    """
     started = time.monotonic()
 
     def on_page(pages: int, members: int) -> None:
@@ -82,21 +87,24 @@ def import_group_members(
                 duration_seconds=time.monotonic() - started,
                 now=datetime.now(UTC),
             )
+            outcome = ImportOutcome(
+                connection=connection.name,
+                group=group,
+                result=result,
+                pages=staging.pages,
+                other_members=dict(staging.other_members),
+                duration_seconds=time.monotonic() - started,
+                preview=preview,
+            )
+            if on_merged is not None:
+                on_merged(outcome)  # before the commit: what it records is published with it
     finally:
         staging.remove()
     log(
         f"{connection.name}: '{group.name}' committed: {result.members} members "
         f"(+{result.joined} / -{result.left}) from {staging.pages} pages"
     )
-    return ImportOutcome(
-        connection=connection.name,
-        group=group,
-        result=result,
-        pages=staging.pages,
-        other_members=dict(staging.other_members),
-        duration_seconds=time.monotonic() - started,
-        preview=preview,
-    )
+    return outcome
 
 
 @dataclass

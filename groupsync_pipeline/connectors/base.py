@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -42,6 +42,43 @@ class MemberPage:
     other_members: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """One membership change of a group, as a delta query reports it."""
+
+    member_id: str
+    # "user", "group", "device", "servicePrincipal", "orgContact", another short type name, or
+    # "unknown" when the app did not say.
+    member_type: str
+
+
+@dataclass
+class GroupChange:
+    """One group object of a delta page: what changed about the group since the saved state.
+
+    The same group can appear several times, on one page or over several (a large group's
+    membership changes are split): apply the changes in the order they come.
+    """
+
+    remote_id: str
+    name: str | None  # None when this object does not carry the property (or it is null)
+    description: str | None
+    mail: str | None
+    kind: str | None  # as RemoteGroup.kind, when the object carries the properties it needs
+    removed: str | None  # the app's reason ("changed", "deleted", ...): the group is gone
+    members_added: list[MemberRef] = field(default_factory=list)
+    members_removed: list[MemberRef] = field(default_factory=list)
+
+
+@dataclass
+class DeltaPage:
+    """One page of a delta query. Only the final page carries the link for the next sync."""
+
+    changes: list[GroupChange]
+    delta_link: str | None  # set only on the final page: save it for the next sync
+    invalid_members: int = 0  # member entries without a usable id: counted, not returned
+
+
 ProgressCallback = Callable[[int, int], None]  # (pages fetched, people so far)
 
 
@@ -57,6 +94,12 @@ class Connector(Protocol):
     def group_members(self, remote_id: str) -> Iterator[MemberPage]: ...
 
     def member_count(self, remote_id: str) -> int: ...
+
+    def group_delta(self, delta_link: str | None = None) -> Iterator[DeltaPage]: ...
+
+    def latest_delta_link(self) -> str: ...
+
+    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account]: ...
 
     def close(self) -> None: ...
 
@@ -79,6 +122,10 @@ class VendorError(ConnectorError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status, when the app answered with one
+
+
+class DeltaExpiredError(ConnectorError):
+    """The app no longer accepts the saved delta state: discard it and do a full resync."""
 
 
 class GroupNotFoundError(ConnectorError):

@@ -17,10 +17,10 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 import msal
@@ -36,8 +36,13 @@ from tenacity import (
 from groupsync_pipeline.connectors.base import (
     Account,
     AuthenticationError,
+    ConnectorError,
+    DeltaExpiredError,
+    DeltaPage,
+    GroupChange,
     GroupNotFoundError,
     MemberPage,
+    MemberRef,
     PermissionDeniedError,
     ProgressCallback,
     RemoteGroup,
@@ -52,6 +57,11 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_TYPE = "#microsoft.graph.user"
 GROUP_SELECT = "id,displayName,description,mail,groupTypes,securityEnabled,mailEnabled"
 MEMBER_SELECT = "id,displayName,mail,userPrincipalName,userType,accountEnabled"
+# members is selected so that each page carries members@delta (the membership changes).
+DELTA_SELECT = "displayName,description,mail,mailEnabled,securityEnabled,groupTypes,members"
+# Graph error codes meaning "the saved delta state is gone: start over" (compared lower case).
+_SYNC_RESET_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
+_KIND_PROPERTIES = frozenset({"groupTypes", "securityEnabled", "mailEnabled"})
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # Token audiences of the Graph clouds; any other graph_url (a proxy, the sandbox) asks for the
 # public Graph audience.
@@ -145,6 +155,61 @@ def account_from_user(obj: dict[str, Any]) -> Account:
         is_external=user_type == "Guest" or "#EXT#" in (upn or "").upper(),
         enabled=obj.get("accountEnabled"),
     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _group_change(obj: Any) -> tuple[GroupChange, int]:
+    """One value item of a groups/delta page, and how many of its member entries had no id."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+        raise VendorError("Graph GET /groups/delta: a changed group has no id (malformed answer)")
+    reason: str | None = None
+    if obj.get("@removed") is not None:
+        raw = obj["@removed"].get("reason") if isinstance(obj["@removed"], dict) else None
+        reason = raw if isinstance(raw, str) and raw else "unknown"
+    entries = obj.get("members@delta")
+    invalid = 0
+    if not isinstance(entries, list):
+        invalid = 0 if entries is None else 1
+        entries = []
+    added: list[MemberRef] = []
+    removed: list[MemberRef] = []
+    for entry in entries:
+        member_id = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(member_id, str) or not member_id:
+            invalid += 1
+            continue
+        ref = MemberRef(member_id, _member_type(entry))
+        (removed if entry.get("@removed") is not None else added).append(ref)
+    group_types = obj.get("groupTypes")
+    group_types = group_types if isinstance(group_types, list) else []
+    # The kind needs all three properties (or "Unified"); later pages may repeat only the id.
+    knows_kind = "Unified" in group_types or obj.keys() >= _KIND_PROPERTIES
+    change = GroupChange(
+        remote_id=obj["id"],
+        name=_text(obj.get("displayName")),
+        description=_text(obj.get("description")),
+        mail=_text(obj.get("mail")),
+        kind=group_kind({**obj, "groupTypes": group_types}) if knows_kind else None,
+        removed=reason,
+        members_added=added,
+        members_removed=removed,
+    )
+    return change, invalid
+
+
+def _inner_error(status: int, body: Any) -> str:
+    """An inner $batch answer's status, Graph error code and message."""
+    error = body.get("error") if isinstance(body, dict) else None
+    text = f"HTTP {status}"
+    if isinstance(error, dict):
+        if error.get("code"):
+            text += f": {str(error['code'])[:100]}"
+        if error.get("message"):
+            text += f" - {str(error['message'])[:300]}"
+    return text
 
 
 def _member_type(obj: dict[str, Any]) -> str:
@@ -324,6 +389,14 @@ class GraphConnector:
             raise _Retryable(
                 self._describe(response), parse_retry_after(response.headers.get("Retry-After"))
             )
+        if self._sync_reset(url, response):
+            location = response.headers.get("Location")
+            raise DeltaExpiredError(
+                f"{where}: Graph no longer accepts the saved delta state "
+                f"({self._describe(response)}"
+                + (f"; restart at {location:.100}" if location else "")
+                + "): discard it and run a full resync"
+            )
         if status == 401:
             raise AuthenticationError(
                 f"{where}: the token was refused twice: {self._describe(response)}"
@@ -355,6 +428,24 @@ class GraphConnector:
     def _path(self, url: str) -> str:
         return urlsplit(url).path
 
+    def _on_graph_host(self, url: str) -> bool:
+        # The bearer token goes with every request: only ever to the configured Graph host.
+        return url.startswith(self._origin + "/")
+
+    def _sync_reset(self, url: str, response: httpx.Response) -> bool:
+        """Whether a delta query's answer says its state expired or is invalid (full resync)."""
+        status = response.status_code
+        if not 400 <= status < 500 or not self._path(url).rstrip("/").lower().endswith("/delta"):
+            return False
+        if status == 410:  # Gone: with or without a Location for a fresh start
+            return True
+        try:
+            error = response.json().get("error")
+        except (ValueError, AttributeError):
+            return False
+        code = error.get("code") if isinstance(error, dict) else None
+        return isinstance(code, str) and code.lower() in _SYNC_RESET_CODES
+
     def _permission_for(self, url: str) -> str:
         path = self._path(url).removeprefix(urlsplit(self.graph_url).path)
         for prefix, permission in _PERMISSIONS:
@@ -384,8 +475,14 @@ class GraphConnector:
             details.append(f"request-id {str(request_id)[:100]}")
         return text + (" - " + "; ".join(details) if details else "")
 
-    def _pages(self, path: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, path: str, params: dict[str, str] | None, *, delta: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """Follow @odata.nextLink as given until the last page.
+
+        ``path`` is under graph_url, or an absolute URL already checked to be on its host.
+        With ``delta``, the last page must carry @odata.deltaLink; it is made absolute (and
+        checked like nextLinks) in place, and dropped from any page that has a nextLink.
 
         A background thread fetches ahead (at most PREFETCH_PAGES pages held) so parsing and
         storing overlap the service's time to answer. When the caller stops early, the thread
@@ -404,11 +501,18 @@ class GraphConnector:
             return False
 
         def fetch() -> None:
-            url: str | None = f"{self.graph_url}{path}"
+            url: str | None = path if "://" in path else f"{self.graph_url}{path}"
             query: dict[str, str] | None = params
             try:
                 while url:
                     page = self._request_json("GET", url, params=query, cancel=stop)
+                    if (
+                        delta
+                        and isinstance(page, dict)
+                        and page.get("value") is None
+                        and isinstance(page.get("@odata.deltaLink"), str)
+                    ):
+                        page["value"] = []  # $deltatoken=latest may answer with the link alone
                     if not isinstance(page, dict) or not isinstance(page.get("value"), list):
                         raise VendorError(
                             f"Graph GET {self._path(url)}: answer has no 'value' list"
@@ -416,9 +520,10 @@ class GraphConnector:
                     next_link = page.get("@odata.nextLink")
                     if next_link is not None and not isinstance(next_link, str):
                         raise VendorError(f"Graph GET {self._path(url)}: nextLink is not a URL")
+                    if delta:
+                        self._resolve_delta_link(url, page)
                     url, query = (urljoin(url, next_link) if next_link else None), None
-                    # The bearer token goes wherever nextLink points: only ever to this host.
-                    if url and not url.startswith(self._origin + "/"):
+                    if url and not self._on_graph_host(url):
                         raise VendorError(f"Graph returned a nextLink to another host: {url:.100}")
                     if not hand_over((page, None)):
                         return
@@ -440,6 +545,80 @@ class GraphConnector:
             stop.set()
             # A request in flight ends at its timeout at worst; the thread is a daemon.
             fetcher.join(timeout=1.0)
+
+    def _resolve_delta_link(self, url: str, page: dict[str, Any]) -> None:
+        if page.get("@odata.nextLink"):
+            page.pop("@odata.deltaLink", None)  # only the final page's link is the new state
+            return
+        link = page.get("@odata.deltaLink")
+        if not isinstance(link, str) or not link:
+            raise VendorError(
+                f"Graph GET {self._path(url)}: a delta page has neither a nextLink nor a "
+                "deltaLink (malformed answer)"
+            )
+        link = urljoin(url, link)
+        # Refused now rather than saved and refused at the next sync.
+        if not self._on_graph_host(link):
+            raise VendorError(f"Graph returned a deltaLink to another host: {link:.100}")
+        page["@odata.deltaLink"] = link
+
+    def _batch_get(
+        self, urls: list[str], headers: dict[str, str] | None = None
+    ) -> list[tuple[int, Any]]:
+        """GET up to BATCH_SIZE relative URLs in one $batch: (status, body) for each, in order.
+
+        Inner throttling and 5xx (and items Graph left unanswered) are retried within the same
+        budget as any request, honouring the inner Retry-After; what still fails at the end is
+        returned with its last status (0: never answered). An inner 401/403 stops the retries:
+        the caller names the permission.
+        """
+        results: list[tuple[int, Any]] = [(0, None)] * len(urls)
+        pending = list(range(len(urls)))
+        deadline = time.monotonic() + self._max_retry_wait
+        for attempt in range(1, self._max_attempts + 1):
+            requests: list[dict[str, Any]] = [
+                {"id": str(i), "method": "GET", "url": urls[i]} for i in pending
+            ]
+            for request in requests if headers else ():
+                request["headers"] = headers
+            answer = self._request_json(
+                "POST", f"{self.graph_url}/$batch", json_body={"requests": requests}
+            )
+            responses = answer.get("responses") if isinstance(answer, dict) else None
+            if not isinstance(responses, list):
+                raise VendorError("Graph POST /$batch: answer has no 'responses' list")
+            by_id = {str(i): i for i in pending}
+            answered: set[int] = set()
+            backoff = self._backoff_initial * 2 ** (attempt - 1)
+            wait = 0.0
+            for item in responses:
+                index = by_id.get(str(item.get("id"))) if isinstance(item, dict) else None
+                if index is None:
+                    continue
+                status = item.get("status")
+                status = status if isinstance(status, int) else 0
+                results[index] = (status, item.get("body"))
+                answered.add(index)
+                if status in RETRY_STATUSES:
+                    inner = item.get("headers")
+                    inner = (
+                        {str(k).lower(): v for k, v in inner.items()}
+                        if isinstance(inner, dict)
+                        else {}
+                    )
+                    after = parse_retry_after(str(inner.get("retry-after") or ""))
+                    wait = max(wait, after if after is not None else backoff)
+            retry = [i for i in pending if i not in answered or results[i][0] in RETRY_STATUSES]
+            if any(i not in answered for i in retry):
+                wait = max(wait, backoff)
+            denied = any(results[i][0] in (401, 403) for i in pending)
+            if not retry or denied or attempt == self._max_attempts:
+                break
+            if time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+            pending = retry
+        return results
 
     # --- groups -----------------------------------------------------------------------------
 
@@ -482,59 +661,19 @@ class GraphConnector:
         """
         counts: dict[str, int] = {}
         for start in range(0, len(group_ids), BATCH_SIZE):
-            pending = group_ids[start : start + BATCH_SIZE]
-            deadline = time.monotonic() + self._max_retry_wait
-            for attempt in range(1, self._max_attempts + 1):
-                by_id = {str(i): gid for i, gid in enumerate(pending)}
-                requests = [
-                    {
-                        "id": request_id,
-                        "method": "GET",
-                        "url": f"/groups/{gid}/transitiveMembers/microsoft.graph.user/$count",
-                        "headers": {"ConsistencyLevel": "eventual"},
-                    }
-                    for request_id, gid in by_id.items()
-                ]
-                answer = self._request_json(
-                    "POST", f"{self.graph_url}/$batch", json_body={"requests": requests}
-                )
-                responses = answer.get("responses") if isinstance(answer, dict) else None
-                if not isinstance(responses, list):
-                    raise VendorError("Graph POST /$batch: answer has no 'responses' list")
-                retry: list[str] = []
-                wait = 0.0
-                for item in responses:
-                    gid = by_id.get(str(item.get("id"))) if isinstance(item, dict) else None
-                    if gid is None:
-                        continue
-                    status = item.get("status")
-                    headers = item.get("headers")
-                    headers = (
-                        {str(k).lower(): v for k, v in headers.items()}
-                        if isinstance(headers, dict)
-                        else {}
+            chunk = group_ids[start : start + BATCH_SIZE]
+            urls = [f"/groups/{gid}/transitiveMembers/microsoft.graph.user/$count" for gid in chunk]
+            answers = self._batch_get(urls, {"ConsistencyLevel": "eventual"})
+            for gid, (status, body) in zip(chunk, answers, strict=True):
+                if status in (401, 403):
+                    raise PermissionDeniedError(
+                        f"Graph denied counting the members of group {gid} (HTTP {status} "
+                        f"inside $batch): the app registration needs the application "
+                        f"permission GroupMember.Read.All (with admin consent)."
                     )
-                    if status == 200:
-                        count = batch_count(item.get("body"))
-                        if count is not None:
-                            counts[gid] = count
-                    elif status in (401, 403):
-                        raise PermissionDeniedError(
-                            f"Graph denied counting the members of group {gid} (HTTP {status} "
-                            f"inside $batch): the app registration needs the application "
-                            f"permission GroupMember.Read.All (with admin consent)."
-                        )
-                    elif status in RETRY_STATUSES:
-                        retry.append(gid)
-                        after = parse_retry_after(str(headers.get("retry-after") or ""))
-                        backoff = self._backoff_initial * 2 ** (attempt - 1)
-                        wait = max(wait, after if after is not None else backoff)
-                if not retry or attempt == self._max_attempts:
-                    break
-                if time.monotonic() + wait > deadline:
-                    break
-                time.sleep(wait)
-                pending = retry
+                count = batch_count(body) if status == 200 else None
+                if count is not None:
+                    counts[gid] = count
         return counts
 
     def find_group(self, reference: str) -> RemoteGroup:
@@ -599,3 +738,102 @@ class GraphConnector:
             if self.on_page:
                 self.on_page(pages, members)
             yield result
+
+    # --- change tracking (delta query) ------------------------------------------------------
+
+    def group_delta(self, delta_link: str | None = None) -> Iterator[DeltaPage]:
+        """Changes to groups and their direct members, page by page (bounded memory).
+
+        Without ``delta_link``: every group with all its members (the first round of change
+        tracking). With the link a previous round ended with: what changed since. Follows
+        @odata.nextLink until the page carrying @odata.deltaLink; that final DeltaPage's
+        ``delta_link`` is the state to save for the next call.
+
+        Changes are not merged: Graph splits a large group's members over several objects
+        with the same id, on one page or on later ones, and a group can change again later
+        in the round. Apply them in the order they come. Members are direct (nested groups
+        arrive as members of type "group"); users deleted for good may never show as removed.
+
+        Raises DeltaExpiredError when Graph no longer accepts ``delta_link`` (full resync),
+        and ConnectorError for a link that is not on the configured Graph host (never
+        followed: the token would go along). ``on_page`` gets (pages, member changes so far).
+        """
+        if delta_link is None:
+            start, params = "/groups/delta", {"$select": DELTA_SELECT}
+        elif isinstance(delta_link, str) and self._on_graph_host(delta_link):
+            start, params = delta_link, None
+        else:
+            raise ConnectorError(
+                f"refusing the saved delta link {str(delta_link):.100}: it is not on the "
+                f"configured Graph host {self._origin}; discard it and run a full resync"
+            )
+        members = 0
+        for pages, page in enumerate(self._pages(start, params, delta=True), start=1):
+            result = DeltaPage(changes=[], delta_link=page.get("@odata.deltaLink"))
+            for obj in page["value"]:
+                change, invalid = _group_change(obj)
+                result.changes.append(change)
+                result.invalid_members += invalid
+                members += len(change.members_added) + len(change.members_removed)
+            if self.on_page:
+                self.on_page(pages, members)
+            yield result
+
+    def latest_delta_link(self) -> str:
+        """A delta link meaning "from now on", read without listing the tenant.
+
+        For starting change tracking after a full import made another way; changes made
+        between that import and this call are missed, so take the link first.
+        """
+        link: str | None = None
+        params = {"$deltatoken": "latest", "$select": DELTA_SELECT}
+        for page in self._pages("/groups/delta", params, delta=True):
+            link = page.get("@odata.deltaLink") or link
+        if not link:  # _pages ensures the last page has one; kept for the type checker
+            raise VendorError("Graph GET /groups/delta: no deltaLink in the answer")
+        return link
+
+    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account]:
+        """Account details for these user ids (e.g. members a delta added), 20 per $batch.
+
+        Yielded in the order asked; repeated ids are asked once; ids of users no longer in
+        the tenant (inner 404) are skipped. Inner throttling and 5xx are retried within the
+        usual budget; still failing after it is a VendorError.
+        """
+        seen: set[str] = set()
+        chunk: list[str] = []
+        for user_id in user_ids:
+            if not isinstance(user_id, str) or not user_id or user_id in seen:
+                continue
+            seen.add(user_id)
+            chunk.append(user_id)
+            if len(chunk) == BATCH_SIZE:
+                yield from self._users_batch(chunk)
+                chunk = []
+        if chunk:
+            yield from self._users_batch(chunk)
+
+    def _users_batch(self, user_ids: list[str]) -> Iterator[Account]:
+        # Quoted: an id (or a UPN with #EXT#) must stay one path segment of the inner URL.
+        urls = [f"/users/{quote(uid, safe='')}?$select={MEMBER_SELECT}" for uid in user_ids]
+        for user_id, (status, body) in zip(user_ids, self._batch_get(urls), strict=True):
+            if status == 404:  # deleted since it was seen as a member
+                continue
+            if status in (401, 403):
+                raise PermissionDeniedError(
+                    f"Graph denied reading user {user_id} (HTTP {status} inside $batch): the "
+                    "app registration needs the application permission User.Read.All (with "
+                    "admin consent)."
+                )
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("id"), str):
+                yield account_from_user(body)
+                continue
+            if status == 200:
+                problem = "an answer that is not a user"
+            elif status in RETRY_STATUSES:
+                problem = f"still failing after retries ({_inner_error(status, body)})"
+            elif status == 0:
+                problem = "no answer with a status for it, even after retries"
+            else:
+                problem = _inner_error(status, body)
+            raise VendorError(f"Graph GET /users/{user_id:.60} inside $batch: {problem}", status)

@@ -1,12 +1,20 @@
 """Assets: remote group catalogs and imported group memberships in DuckDB."""
 
+from dataclasses import asdict
+
 import dagster as dg
 from pydantic import Field
 
 from groupsync_pipeline.config import ConfigError, check_email_address
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
-from groupsync_pipeline.imports import import_group_members, refresh_group_catalog
+from groupsync_pipeline.imports import ImportOutcome, import_group_members, refresh_group_catalog
+from groupsync_pipeline.membership_sync import (
+    ConnectionSyncOutcome,
+    sync_connection,
+    sync_settings_from_env,
+)
+from groupsync_pipeline.storage.control import NewRequest
 
 WAREHOUSE_POOL = "groupsync_warehouse"  # limit 1 in dagster.yaml: one writer at a time
 
@@ -49,13 +57,27 @@ def group_catalog(
     return dg.MaterializeResult(metadata=metadata)
 
 
+REQUEST_TAG = "groupsync/request_id"  # set on runs launched for a recorded import request
+
+
 class ImportGroupConfig(dg.Config):
-    connection: str = Field(description="Name of the connection (see the connections file).")
-    group: str = Field(description="The group's id in the app, or its exact display name.")
+    connection: str = Field(
+        default="",
+        description="Connection to import from (see the connections file). With no group: "
+        "the connection whose imported groups to re-sync (empty: every connection).",
+    )
+    group: str = Field(
+        default="",
+        description="The group's id in the app, or its exact display name. Empty: re-sync "
+        "every imported group instead of importing one (what the hourly schedule does).",
+    )
     notify_email: str | None = Field(
         default=None,
-        description="Optional address to notify when the import is done (validated and "
-        "recorded now; sending arrives with import requests).",
+        description="Address to email when the import ends (success or failure).",
+    )
+    full_resync: bool = Field(
+        default=False,
+        description="Re-sync only: read every group in full and start a new delta chain.",
     )
 
 
@@ -64,8 +86,9 @@ class ImportGroupConfig(dg.Config):
     group_name="groups",
     kinds={"duckdb"},
     deps=[group_catalog],
-    description="Members of imported groups with their history "
-    "(tables user_groups, accounts, group_memberships; view group_members).",
+    description="Members of imported groups with their history (tables user_groups, "
+    "accounts, group_memberships, group_syncs; view group_members). Materialized by an "
+    "import (config: connection + group) or by the hourly re-sync of every imported group.",
 )
 def imported_group_members(
     context: dg.AssetExecutionContext,
@@ -73,27 +96,83 @@ def imported_group_members(
     connections: ConnectionsResource,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    connection = connections.get(config.connection)
+    if config.group:
+        return _import_one_group(context, config, connections, warehouse)
     if config.notify_email is not None:
-        try:
-            check_email_address(config.notify_email)
-        except ConfigError as exc:
-            raise dg.Failure(description=f"notify_email: {exc}") from None
-    try:
-        outcome = import_group_members(
-            connection,
-            config.group,
-            warehouse.get(),
-            run_id=context.run.run_id,
-            log=context.log.info,
+        raise dg.Failure(description="notify_email needs a group: it is sent when an import ends")
+    return _sync_imported_groups(context, config, connections, warehouse)
+
+
+def _import_one_group(
+    context: dg.AssetExecutionContext,
+    config: ImportGroupConfig,
+    connections: ConnectionsResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    control = warehouse.control()
+    tagged = context.run.tags.get(REQUEST_TAG)
+    if tagged is not None:
+        request_id = int(tagged)
+    else:
+        # Launched from the launchpad (or a script): recorded too, so one history shows all.
+        (request_id,) = control.add_requests(
+            [
+                NewRequest(
+                    connection=config.connection,
+                    group_reference=config.group,
+                    remote_group_id=None,
+                    group_name=None,
+                    notify_email=config.notify_email,
+                    source="launchpad",
+                )
+            ]
         )
-    except ConnectorError as exc:
-        raise dg.Failure(
-            description=f"import of '{config.group}' from '{connection.name}' failed: {exc}"
-        ) from None
+    context.log.info(f"import request {request_id}")
+    control.mark_running(request_id, context.run.run_id)
+    try:
+        if not config.connection:
+            raise dg.Failure(description="connection is required with a group")
+        connection = connections.get(config.connection)
+        if config.notify_email is not None:
+            try:
+                check_email_address(config.notify_email)
+            except ConfigError as exc:
+                raise dg.Failure(description=f"notify_email: {exc}") from None
+
+        def record_done(outcome: ImportOutcome) -> None:
+            control.mark_done(
+                request_id,
+                remote_group_id=outcome.group.remote_id,
+                group_name=outcome.group.name,
+                members=outcome.result.members,
+                joined=outcome.result.joined,
+                left=outcome.result.left,
+                nested_groups=outcome.other_members.get("group", 0),
+                pages=outcome.pages,
+                duration_seconds=outcome.duration_seconds,
+            )
+
+        try:
+            outcome = import_group_members(
+                connection,
+                config.group,
+                warehouse.get(),
+                run_id=context.run.run_id,
+                log=context.log.info,
+                on_merged=record_done,
+            )
+        except ConnectorError as exc:
+            raise dg.Failure(
+                description=f"import of '{config.group}' from '{connection.name}' failed: {exc}"
+            ) from None
+    except BaseException as exc:
+        message = exc.description if isinstance(exc, dg.Failure) else f"{type(exc).__name__}: {exc}"
+        control.mark_failed(request_id, message or type(exc).__name__)
+        raise
     result = outcome.result
     return dg.MaterializeResult(
         metadata={
+            "request_id": request_id,
             "connection": outcome.connection,
             "group": outcome.group.name,
             "group_id": result.group_id,
@@ -108,3 +187,50 @@ def imported_group_members(
             "preview": dg.MetadataValue.md(outcome.preview.to_markdown(index=False)),
         }
     )
+
+
+def _sync_imported_groups(
+    context: dg.AssetExecutionContext,
+    config: ImportGroupConfig,
+    connections: ConnectionsResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    chosen = [connections.get(config.connection)] if config.connection else connections.all()
+    try:
+        policy, full_sync_every = sync_settings_from_env()
+    except ConfigError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    failures: list[str] = []
+    outcomes: list[ConnectionSyncOutcome] = []
+    for connection in chosen:
+        try:
+            outcomes.append(
+                sync_connection(
+                    connection,
+                    warehouse.get(),
+                    warehouse.control(),
+                    run_id=context.run.run_id,
+                    log=context.log.info,
+                    force_full=config.full_resync,
+                    full_sync_every=full_sync_every,
+                    policy=policy,
+                )
+            )
+        except ConnectorError as exc:
+            failures.append(f"{connection.name}: {exc}")
+            context.log.error(f"{connection.name}: sync failed, nothing changed: {exc}")
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "groups_synced": sum(o.groups_synced for o in outcomes),
+        "joined": sum(o.joined for o in outcomes),
+        "left": sum(o.left for o in outcomes),
+        "pages_fetched": sum(o.pages for o in outcomes),
+        "held_back": dg.MetadataValue.json([g for o in outcomes for g in o.held]),
+        "deleted_in_app": dg.MetadataValue.json([g for o in outcomes for g in o.deleted]),
+        "full_resyncs": dg.MetadataValue.json(
+            {o.connection: o.full_reason for o in outcomes if o.mode == "full"}
+        ),
+        "connections": dg.MetadataValue.json([asdict(o) for o in outcomes]),
+    }
+    if failures:
+        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)

@@ -64,3 +64,40 @@ def no_duplicate_members(warehouse: WarehouseResource) -> dg.AssetCheckResult:
             ),
         },
     )
+
+
+_HELD_SHRINKS = """
+SELECT h.group_id, g.name, h.detected_at, h.mode, h.members_before, h.members_after, h."left"
+FROM membership_holds AS h JOIN user_groups AS g USING (group_id)
+WHERE h.status = 'held' ORDER BY h.detected_at
+"""
+
+
+@dg.asset_check(
+    asset=imported_group_members,
+    description="No group has a sync held back for losing too many members at once "
+    "(confirm with `groupsync confirm-shrink GROUP`, or the next full sync decides).",
+)
+def no_held_shrinks(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.get().read() as conn:
+        rows = conn.execute(_HELD_SHRINKS).fetchall()
+    return dg.AssetCheckResult(
+        passed=not rows,
+        metadata={
+            "held_groups": len(rows),
+            "holds": dg.MetadataValue.json(
+                [
+                    {
+                        "group_id": r[0],
+                        "name": r[1],
+                        "detected_at": r[2].isoformat(),
+                        "seen_by": r[3],
+                        "members_before": r[4],
+                        "members_after": r[5],
+                        "would_remove": r[6],
+                    }
+                    for r in rows[:50]
+                ]
+            ),
+        },
+    )

@@ -1,4 +1,4 @@
-"""Jobs launched from the UI, the CLI and (later) sensors and schedules."""
+"""Jobs launched from the UI, the import request sensor and the hourly schedule."""
 
 from __future__ import annotations
 
@@ -17,4 +17,11 @@ refresh_group_catalogs = dg.define_asset_job(
     name="refresh_group_catalogs",
     selection=dg.AssetSelection.assets(group_catalog),
     description="Refresh the group catalog of every connected app (or those in config).",
+)
+
+sync_group_memberships = dg.define_asset_job(
+    name="sync_group_memberships",
+    selection=dg.AssetSelection.assets(imported_group_members),
+    description="Re-sync every imported group (default config); set connection to limit it, "
+    "full_resync to read everything again.",
 )

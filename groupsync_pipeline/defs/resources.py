@@ -12,6 +12,7 @@ from groupsync_pipeline.config import (
     find_connection,
     load_connections,
 )
+from groupsync_pipeline.storage.control import ControlStore
 from groupsync_pipeline.storage.warehouse import Warehouse
 
 
@@ -48,3 +49,7 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def get(self) -> Warehouse:
         return Warehouse(data_dir(self.data_dir))
+
+    def control(self) -> ControlStore:
+        """Import requests, the email outbox and shrink confirmations (never locks DuckDB)."""
+        return ControlStore(data_dir(self.data_dir))

@@ -10,21 +10,25 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import shutil
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from groupsync_pipeline.sandbox.seed import (
+    EVOLVE_EPOCH,
     SANDBOX_TENANT_ID,
     Group,
     Organisation,
@@ -46,6 +51,8 @@ __all__ = [
     "SANDBOX_CLIENT_SECRET",
     "SANDBOX_TENANT_ID",
     "DEFAULT_PERMISSIONS",
+    "DELTA_EXPIRY_MODES",
+    "EVOLVE_EPOCH",
     "FaultInjector",
     "Fault",
     "GraphSandbox",
@@ -71,6 +78,14 @@ DEFAULT_PERMISSIONS = frozenset(
 MAX_BATCH = 20
 MAX_PAGE = 999
 DEFAULT_PAGE = 100
+DELTA_MAX_FILTER_IDS = 50  # groups/delta: "$filter only id eq (<= 50)"
+DELTA_TOKEN_LIFETIME = 7 * 24 * 3600.0  # directory-object delta tokens live about 7 days
+DELTA_EXPIRY_MODES = ("gone", "syncStateNotFound", "resyncRequired")
+_DELTA_SEGMENTS = frozenset(
+    {"delta", "delta()", "microsoft.graph.delta", "microsoft.graph.delta()"}
+)
+_DELTA_PARAMS = frozenset({"$select", "$expand", "$filter", "$skiptoken", "$deltatoken"})
+_FILTER_ID_RE = re.compile(r"\s*id\s+eq\s+'([^']*)'\s*", re.IGNORECASE)
 
 JSON_TYPE = (
     "application/json; odata.metadata=minimal; odata.streaming=true; "
@@ -479,9 +494,58 @@ class FaultInjector:
 class GraphError(Exception):
     """Raised inside request handling; becomes a Graph-shaped error response."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def _bad_token() -> GraphError:
+    # Garbled or forged: distinct from an expired token (which asks for a full resync).
+    return GraphError(400, "Request_BadRequest", "Badly formed token.")
+
+
+@dataclass(frozen=True)
+class _DeltaShape:
+    """What a delta round tracks; carried inside its tokens (deltaLinks hold only a token)."""
+
+    select: tuple[str, ...] | None  # None: every property
+    members: bool
+    ids: tuple[str, ...] | None  # $filter=id eq ... or ...
+
+    def dump(self) -> dict[str, Any]:
+        return {"s": self.select, "m": self.members, "i": self.ids}
+
+    @classmethod
+    def load(cls, raw: dict[str, Any]) -> _DeltaShape:
+        select, ids = raw["s"], raw["i"]
+        return cls(
+            tuple(map(str, select)) if select is not None else None,
+            bool(raw["m"]),
+            tuple(map(str, ids)) if ids is not None else None,
+        )
+
+    def query(self) -> list[tuple[str, str]]:
+        """The request parameters that ask for this shape (for a fresh start's Location)."""
+        pairs: list[tuple[str, str]] = []
+        if self.select is not None:  # None: every property and members (no $select)
+            pairs.append(("$select", ",".join((*self.select, *(["members"] * self.members)))))
+        if self.ids is not None:
+            pairs.append(("$filter", " or ".join(f"id eq '{i}'" for i in self.ids)))
+        return pairs
+
+
+@dataclass
+class _DeltaItem:
+    """One group object of a delta round, before paging."""
+
+    ordinal: int  # stable position: the page cursor
+    group: Group
+    removed_reason: str | None = None  # the group itself is gone: {"@removed": ...}
+    members: Sequence[str] | None = None  # members@delta ids (None: not tracked)
+    member_removals: frozenset[str] = frozenset()  # ids in ``members`` that were removed
 
 
 @dataclass
@@ -644,8 +708,32 @@ class GraphSandbox:
         client_secret: str = SANDBOX_CLIENT_SECRET,
         token_lifetime: int = 3599,
         permissions: set[str] | None = None,
+        evolve_every: float | None = None,
+        delta_page_groups: int = 100,
+        delta_page_members: int = 1000,
+        delta_token_lifetime: float = DELTA_TOKEN_LIFETIME,
+        delta_expiry_mode: str = "gone",
+        omit_deleted_user_removals: bool = False,
+        random_token_key: bool = False,
     ) -> None:
         self.org: Organisation = org if org is not None else build_organisation()
+        if evolve_every is not None and evolve_every <= 0:
+            raise ValueError("evolve_every must be a positive number of seconds")
+        if delta_expiry_mode not in DELTA_EXPIRY_MODES:
+            raise ValueError(f"delta_expiry_mode must be one of {DELTA_EXPIRY_MODES}")
+        if delta_page_groups < 1 or delta_page_members < 1:
+            raise ValueError("delta page limits must be >= 1")
+        # The tenant advances one evolution step every ``evolve_every`` seconds since
+        # EVOLVE_EPOCH, caught up before each Graph request: fresh sandboxes agree over time.
+        self.evolve_every = evolve_every
+        self.delta_page_groups = delta_page_groups
+        self.delta_page_members = delta_page_members
+        self.delta_token_lifetime = delta_token_lifetime
+        self.delta_expiry_mode = delta_expiry_mode
+        # Graph: "permanently deleted users may not appear as removals".
+        self.omit_deleted_user_removals = omit_deleted_user_removals
+        self.clock: Callable[[], float] = time.time  # wall clock: evolution, token ages
+        self._delta_epoch = 0  # bumped by expire_delta_tokens()
         self.host = host
         self.port = port
         self.tenant_id: str = self.org.tenant_id
@@ -660,7 +748,15 @@ class GraphSandbox:
         self._log_lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # access token -> expiry (time.monotonic())
         self._tokens_lock = threading.Lock()
-        self._skip_key = secrets.token_bytes(32)  # signs $skiptoken values
+        # Signs $skiptoken/$deltatoken values. Derived from the tenant (and seed) so another
+        # process serving the same tenant accepts them; a fake, so no secrecy is needed.
+        self._skip_key = (
+            secrets.token_bytes(32)
+            if random_token_key
+            else hashlib.sha256(
+                f"groupsync-sandbox-tokens:{self.org.tenant_id}:{self.org.seed}".encode()
+            ).digest()
+        )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._tmpdir: Path | None = None
@@ -674,6 +770,7 @@ class GraphSandbox:
     def start(self) -> GraphSandbox:
         if self._server is not None:
             return self
+        self.catch_up()
         self._tmpdir = Path(tempfile.mkdtemp(prefix="graph-sandbox-"))
         cert, key = make_self_signed(self._tmpdir)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -787,6 +884,26 @@ class GraphSandbox:
             for token in self._tokens:
                 self._tokens[token] = 0.0
 
+    def expire_delta_tokens(self) -> None:
+        """Every outstanding delta/skip token of /groups/delta now answers as expired."""
+        self._delta_epoch += 1
+
+    def evolution_step(self, at: float | None = None) -> int:
+        """The step the tenant is at, at unix time ``at`` (now), with ``evolve_every``."""
+        if not self.evolve_every:
+            return self.org.steps_applied
+        now = self.clock() if at is None else at
+        return max(0, math.floor((now - EVOLVE_EPOCH.timestamp()) / self.evolve_every))
+
+    def catch_up(self) -> int:
+        """Evolve the tenant to the current step (time-driven mode); returns steps_applied."""
+        if self.evolve_every:
+            target = self.evolution_step()
+            if target > self.org.steps_applied:
+                with self.org.lock:
+                    self.org.evolve_to(target)
+        return self.org.steps_applied
+
     # -- dispatch ----------------------------------------------------------------------------
     def _dispatch(self, req: _Request) -> _Response:
         try:
@@ -797,7 +914,9 @@ class GraphSandbox:
                 return self._identity(req, segments)
             raise GraphError(400, "BadRequest", f"Invalid version: {req.path.strip('/')}")
         except GraphError as err:
-            return self._error(err.status, err.code, err.message, req)
+            resp = self._error(err.status, err.code, err.message, req)
+            resp.headers.update(err.headers)
+            return resp
 
     def _error(self, status: int, code: str, message: str, req: _Request) -> _Response:
         return _Response(
@@ -1091,16 +1210,23 @@ class GraphSandbox:
             )
 
     def _graph(self, req: _Request, segments: list[str]) -> _Response:
+        self.catch_up()
         self._authenticate(req)
         lowered = [s.lower() for s in segments]
         if lowered == ["$batch"]:
             if req.method != "POST":
                 raise _method_not_allowed()
-            return self._batch(req)
+            return self._batch(req)  # each inner request locks on its own
         if req.method != "GET":
             raise _method_not_allowed()
         if not lowered:
             raise GraphError(400, "BadRequest", "Resource not found for the segment 'v1.0'.")
+        # Hold the org lock while reading: the tenant may be mutated by another thread
+        # (evolution, tests). JSON encoding and socket I/O happen after, outside it.
+        with self.org.lock:
+            return self._graph_get(req, segments, lowered)
+
+    def _graph_get(self, req: _Request, segments: list[str], lowered: list[str]) -> _Response:
         root = lowered[0]
         if root == "groups":
             self._require(_GROUP_READ)
@@ -1265,6 +1391,8 @@ class GraphSandbox:
 
     def _groups(self, req: _Request, segs: list[str], lowered: list[str]) -> _Response:
         params = req.params()
+        if len(lowered) == 1 and lowered[0] in _DELTA_SEGMENTS:
+            return self._groups_delta(req, params)
         if not segs:
             self._check_query(
                 params, {"$top", "$select", "$filter", "$skiptoken", "$count", "$orderby"}
@@ -1330,6 +1458,296 @@ class GraphSandbox:
         # OData minimal metadata: @odata.type only where it differs from the collection type.
         render = self._render_member(select, annotate=cast is None)
         return self._page(req, params, ids, render, context, count)
+
+    # groups/delta
+    def _groups_delta(self, req: _Request, params: dict[str, str]) -> _Response:
+        """``GET /groups/delta``: rounds of pages ending in a deltaLink, then net changes."""
+        for name in params:
+            if name == "$skip":
+                raise GraphError(
+                    400, "Request_BadRequest", "'$skip' is not supported by the service."
+                )
+            if name.startswith("$") and name not in _DELTA_PARAMS:
+                raise GraphError(
+                    400,
+                    "Request_UnsupportedQuery",
+                    f"The query parameter '{name}' is not supported with change tracking over "
+                    "the 'groups' resource.",
+                )
+        skip, delta = params.get("$skiptoken"), params.get("$deltatoken")
+        since: int | None = None  # None: an initial round (every group)
+        # Where this page starts: (group ordinal, last member id already sent of that group).
+        # Members go out sorted by id, so the cursor survives membership changes mid-round.
+        cursor: tuple[int, str] = (0, "")
+        first_page = False
+        if skip is not None:
+            state = self._open_token(skip, "s")
+            shape = _DeltaShape.load(state)
+            self._check_fresh(state, shape)
+            start, since, cursor = state["v"], state["f"], (state["o"], state["a"])
+        elif delta is not None and delta.lower() == "latest":
+            # "Sync from now": no data, just a deltaLink at the current state.
+            shape = self._delta_shape(params)
+            return _Response(
+                200,
+                {
+                    "@odata.context": self._context("groups", []),
+                    "@odata.deltaLink": self._delta_link(self.org.version, shape),
+                    "value": [],
+                },
+            )
+        elif delta:
+            state = self._open_token(delta, "d")
+            shape = _DeltaShape.load(state)
+            self._check_fresh(state, shape)
+            start, since = self.org.version, state["v"]
+        else:  # no token, or the empty $deltatoken of a 410's Location: start afresh
+            shape = self._delta_shape(params)
+            start, first_page = self.org.version, True
+        items = self._delta_items(shape, since, cursor[0])
+        value, next_cursor = self._delta_fill(items, cursor, shape.select)
+        select = list(shape.select or ())
+        body: dict[str, Any] = {
+            "@odata.context": self._context("groups", select if first_page else [])
+        }
+        if next_cursor is not None:
+            token = self._seal_token(
+                {"k": "s", "v": start, "f": since, "o": next_cursor[0], "a": next_cursor[1]},
+                shape,
+            )
+            body["@odata.nextLink"] = f"{self.graph_url}/groups/delta?$skiptoken={token}"
+        else:
+            # The round's START version: changes made while paging are replayed next time.
+            body["@odata.deltaLink"] = self._delta_link(start, shape)
+        body["value"] = value
+        return _Response(200, body)
+
+    def _delta_shape(self, params: dict[str, str]) -> _DeltaShape:
+        raw = params.get("$select")
+        names = [p.strip() for p in (raw or "").split(",") if p.strip()]
+        for name in names:
+            if name not in GROUP_PROPERTIES and name != "members":
+                raise GraphError(
+                    400,
+                    "Request_BadRequest",
+                    f"Could not find a property named '{name}' on type 'microsoft.graph.group'.",
+                )
+        expand = [p.strip() for p in params.get("$expand", "").split(",") if p.strip()]
+        for item in expand:
+            if item.lower() != "members" and not item.lower().startswith("members("):
+                raise GraphError(
+                    400,
+                    "Request_UnsupportedQuery",
+                    f"Expanding '{item}' is not supported with change tracking: only members.",
+                )
+        ids: tuple[str, ...] | None = None
+        if "$filter" in params:
+            ids = self._delta_filter_ids(params["$filter"])
+        if not names:  # no $select: every property is tracked, members included
+            return _DeltaShape(None, True, ids)
+        select = tuple(dict.fromkeys(n for n in names if n != "members"))
+        return _DeltaShape(select, "members" in names or bool(expand), ids)
+
+    @staticmethod
+    def _delta_filter_ids(text: str) -> tuple[str, ...]:
+        clauses = re.split(r"\s+or\s+", text.strip(), flags=re.IGNORECASE)
+        ids: list[str] = []
+        for clause in clauses:
+            match = _FILTER_ID_RE.fullmatch(clause)
+            if match is None:
+                raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
+            if not _GUID_RE.match(match.group(1)):
+                raise GraphError(
+                    400, "Request_BadRequest", f"Invalid object identifier '{match.group(1)}'."
+                )
+            ids.append(match.group(1).lower())
+        if len(ids) > DELTA_MAX_FILTER_IDS:
+            raise GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Too many 'id eq' clauses in $filter: the maximum is {DELTA_MAX_FILTER_IDS}.",
+            )
+        return tuple(dict.fromkeys(ids))
+
+    def _seal_token(self, state: dict[str, Any], shape: _DeltaShape) -> str:
+        payload = {**state, **shape.dump(), "t": int(self.clock()), "e": self._delta_epoch}
+        raw = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 9)
+        mac = hmac.new(self._skip_key, b"delta:" + raw, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(mac + raw).rstrip(b"=").decode()
+
+    def _open_token(self, token: str, kind: str) -> dict[str, Any]:
+        """A token's state, or 400 "Badly formed token" if garbled, forged or misused."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise _bad_token() from None
+        mac, body = raw[:16], raw[16:]
+        expected = hmac.new(self._skip_key, b"delta:" + body, hashlib.sha256).digest()[:16]
+        if len(raw) <= 16 or not hmac.compare_digest(mac, expected):
+            raise _bad_token()
+        try:
+            state = json.loads(zlib.decompress(body))
+            _DeltaShape.load(state)
+            numbers = ("v", "t", "e", "o") if kind == "s" else ("v", "t", "e")
+            ok = (
+                isinstance(state, dict)
+                and state["k"] == kind
+                and all(isinstance(state[key], int) for key in numbers)
+                and (kind == "d" or isinstance(state["a"], str))
+                and (kind == "d" or state["f"] is None or isinstance(state["f"], int))
+            )
+        except (ValueError, KeyError, TypeError, zlib.error):
+            ok = False
+        if not ok:  # e.g. a skiptoken passed as a deltatoken
+            raise _bad_token()
+        return dict(state)
+
+    def _check_fresh(self, state: dict[str, Any], shape: _DeltaShape) -> None:
+        """Expired (age, expire_delta_tokens) or unknown state: the "full resync" answers."""
+        expired = (
+            state["e"] != self._delta_epoch
+            or self.clock() - state["t"] > self.delta_token_lifetime
+            or state["v"] > self.org.version  # a state this tenant has not reached
+        )
+        if not expired:
+            return
+        if self.delta_expiry_mode == "gone":
+            # Location: a fresh round of the same shape, with an empty $deltatoken.
+            query = urlencode([*shape.query(), ("$deltatoken", "")], quote_via=quote, safe="$,'")
+            raise GraphError(
+                410,
+                "resyncRequired",
+                "Resync required. The delta token has expired: replace local state with a full "
+                "resynchronisation starting from the URL in the Location header.",
+                {"Location": f"{self.graph_url}/groups/delta?{query}"},
+            )
+        if self.delta_expiry_mode == "syncStateNotFound":
+            raise GraphError(
+                400,
+                "syncStateNotFound",
+                "The sync state generation is not found; the delta token has expired. Start a "
+                "full resynchronisation without a state token.",
+            )
+        raise GraphError(
+            400,
+            "resyncRequired",
+            "Resync required. Start a full resynchronisation without a state token.",
+        )
+
+    def _delta_link(self, version: int, shape: _DeltaShape) -> str:
+        token = self._seal_token({"k": "d", "v": version}, shape)
+        return f"{self.graph_url}/groups/delta?$deltatoken={token}"
+
+    def _delta_items(
+        self, shape: _DeltaShape, since: int | None, from_ordinal: int
+    ) -> list[_DeltaItem]:
+        """The round's group objects from ``from_ordinal`` on, in stable (creation) order."""
+        org = self.org
+        wanted = set(shape.ids) if shape.ids is not None else None
+        items: list[_DeltaItem] = []
+
+        def keep(gid: str) -> bool:
+            return (wanted is None or gid in wanted) and org.group_ordinal(gid) >= from_ordinal
+
+        if since is None:  # initial round: every existing group with all its direct members
+            for group in org.groups.values():
+                if keep(group.id):
+                    members = org.sorted_members(group.id) if shape.members else None
+                    items.append(_DeltaItem(org.group_ordinal(group.id), group, None, members))
+            return items
+        net = org.net_changes(since)
+        for gid in net.created:
+            group = org.groups[gid]
+            if keep(gid):
+                members = org.sorted_members(gid) if shape.members else None
+                items.append(_DeltaItem(org.group_ordinal(gid), group, None, members))
+        for gid in net.deleted:
+            group = org.deleted_groups[gid]
+            if keep(gid):
+                # Microsoft 365 groups are soft-deleted (restorable): reason "changed".
+                reason = "changed" if "Unified" in group.group_types else "deleted"
+                items.append(_DeltaItem(org.group_ordinal(gid), group, reason))
+        props_tracked = shape.select is None or "displayName" in shape.select
+        renamed = set(net.renamed) if props_tracked else set()
+        for gid in dict.fromkeys([*net.renamed, *net.members]):
+            if gid not in org.groups or not keep(gid):
+                continue
+            entries = sorted(
+                (member, removed)
+                for member, removed, by_user_deletion in net.members.get(gid, [])
+                if shape.members
+                and not (removed and by_user_deletion and self.omit_deleted_user_removals)
+            )
+            if not entries and gid not in renamed:
+                continue  # nothing this round tracks changed
+            items.append(
+                _DeltaItem(
+                    org.group_ordinal(gid),
+                    org.groups[gid],
+                    None,
+                    [m for m, _ in entries] if shape.members else None,
+                    frozenset(m for m, removed in entries if removed),
+                )
+            )
+        items.sort(key=lambda item: item.ordinal)
+        return items
+
+    def _delta_fill(
+        self, items: list[_DeltaItem], cursor: tuple[int, str], select: tuple[str, ...] | None
+    ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """One page: at most delta_page_groups objects and delta_page_members member entries.
+
+        A group whose members do not fit is cut: the rest follow on the next page(s) in a
+        repeat of the same group object (Graph: "the same group id repeats; merge").
+        """
+        page: list[dict[str, Any]] = []
+        budget = self.delta_page_members
+        for item in items:
+            if len(page) >= self.delta_page_groups:
+                return page, (item.ordinal, "")
+            after = cursor[1] if item.ordinal == cursor[0] else ""
+            body = self._delta_object(item, select)
+            if item.members is None:
+                page.append(body)
+                continue
+            offset = bisect.bisect_right(item.members, after) if after else 0
+            remaining = len(item.members) - offset
+            if remaining <= 0:
+                if not after:
+                    page.append(body)  # an empty group: no members@delta key
+                continue
+            if budget == 0:
+                return page, (item.ordinal, after)
+            take = min(budget, remaining)
+            chunk = item.members[offset : offset + take]
+            body["members@delta"] = [self._delta_member(m, item.member_removals) for m in chunk]
+            page.append(body)
+            budget -= take
+            if take < remaining:
+                return page, (item.ordinal, chunk[-1])
+        return page, None
+
+    def _delta_object(self, item: _DeltaItem, select: tuple[str, ...] | None) -> dict[str, Any]:
+        if item.removed_reason is not None:
+            return {"id": item.group.id, "@removed": {"reason": item.removed_reason}}
+        full = _group_full(item.group, self.org.initial_domain)
+        if select is None:
+            return full
+        return {"id": item.group.id, **{name: full.get(name) for name in select}}
+
+    def _delta_member(self, member_id: str, removals: frozenset[str]) -> dict[str, Any]:
+        org = self.org
+        if member_id in org.users or member_id in org.deleted_users:
+            odata = _ODATA_USER
+        elif member_id in org.groups or member_id in org.deleted_groups:
+            odata = _ODATA_GROUP
+        else:
+            other = org.others.get(member_id)
+            odata = other.odata_type if other else "#microsoft.graph.directoryObject"
+        entry: dict[str, Any] = {"@odata.type": odata, "id": member_id}
+        if member_id in removals:
+            entry["@removed"] = {"reason": "deleted"}
+        return entry
 
     def _odata_type(self, object_id: str) -> str | None:
         if object_id in self.org.users:
@@ -1604,15 +2022,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--users", type=int, default=6000)
+    parser.add_argument(
+        "--evolve-every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="advance the tenant one deterministic step every SECONDS since "
+        f"{EVOLVE_EPOCH:%Y-%m-%dT%H:%MZ} (e.g. 3600)",
+    )
     args = parser.parse_args(argv)
     org = build_organisation(seed=args.seed, users=args.users)
-    sandbox = GraphSandbox(org, host=args.host, port=args.port).start()
+    sandbox = GraphSandbox(
+        org, host=args.host, port=args.port, evolve_every=args.evolve_every
+    ).start()
     print(f"base_url      {sandbox.base_url}")
     print(f"graph_url     {sandbox.graph_url}")
     print(f"tenant_id     {sandbox.tenant_id}")
     print(f"client_id     {sandbox.client_id}")
     print(f"client_secret {sandbox.client_secret}")
-    print(f"ca_bundle     {sandbox.ca_bundle}", flush=True)
+    print(f"ca_bundle     {sandbox.ca_bundle}")
+    if args.evolve_every:
+        print(f"evolve_step   {sandbox.org.steps_applied} (every {args.evolve_every:g}s)")
+    sys.stdout.flush()
     try:
         while True:
             time.sleep(3600)

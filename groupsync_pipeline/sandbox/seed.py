@@ -3,15 +3,27 @@
 Everything derives from ``random.Random(seed)``: the same seed gives the same ids and data on
 every machine and Python version (only ``getrandbits``/``random``/``choice``/``choices``/
 ``sample`` are used, whose output is stable for a given seed).
+
+The tenant can also change over time: mutation methods on :class:`Organisation` bump
+``version`` and append :class:`Change` records, from which :meth:`Organisation.net_changes`
+computes what Graph's ``/groups/delta`` reports; :meth:`Organisation.evolve` applies
+deterministic pseudo-random steps (step ``k`` depends only on ``(seed, k)`` and the state left by
+steps ``1..k-1``), so two processes evolving the same seed to the same step agree exactly.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import datetime as dt
+import hashlib
 import random
+import threading
 import unicodedata
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 # The sandbox is a fake tenant: these identifiers are public by design.
 SANDBOX_TENANT_ID = "5f1c2a7e-3b9d-4c8e-9a61-7d2e4b0c8f13"
@@ -172,6 +184,43 @@ _PROJECTS = [
     "Orion",
 ]
 _EPOCH = dt.datetime(2019, 1, 1, tzinfo=dt.UTC)
+# Step k of evolution is nominally EVOLVE_EPOCH + k hours (its objects' createdDateTime); the
+# Graph sandbox's time-driven evolution counts steps from this instant too.
+EVOLVE_EPOCH = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+# Codenames for project groups that evolution creates (suffixed with the step: unique names).
+_NEW_PROJECTS = [
+    "Aurora",
+    "Basalt",
+    "Cirrus",
+    "Dynamo",
+    "Equinox",
+    "Fjord",
+    "Glacier",
+    "Harbor",
+    "Indigo",
+    "Jetstream",
+    "Keystone",
+    "Lighthouse",
+    "Meridian",
+    "Nova",
+    "Onyx",
+    "Pulsar",
+    "Quartz",
+    "Redwood",
+    "Sequoia",
+    "Tundra",
+]
+
+# Change kinds recorded in Organisation.changes.
+MEMBER_ADDED = "member_added"
+MEMBER_REMOVED = "member_removed"
+MEMBER_DELETED = "member_deleted"  # removed because the member (a user) was deleted
+GROUP_CREATED = "group_created"
+GROUP_DELETED = "group_deleted"
+GROUP_RENAMED = "group_renamed"
+USER_CREATED = "user_created"
+USER_DELETED = "user_deleted"
+_MEMBER_KINDS = frozenset({MEMBER_ADDED, MEMBER_REMOVED, MEMBER_DELETED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +266,26 @@ class Group:
     visibility: str | None = None
 
 
+class Change(NamedTuple):
+    """One logged mutation; all records of one mutation share its ``version``."""
+
+    version: int
+    kind: str  # MEMBER_ADDED, MEMBER_REMOVED, MEMBER_DELETED, GROUP_*, USER_*
+    group_id: str | None
+    member_id: str | None
+
+
+@dataclass
+class NetChanges:
+    """What changed between two versions, netted out (add then remove = nothing)."""
+
+    created: list[str] = field(default_factory=list)  # groups new since, still existing
+    deleted: list[str] = field(default_factory=list)  # groups that existed then, gone now
+    renamed: list[str] = field(default_factory=list)
+    # group id -> [(member id, removed, removed because the member user was deleted)]
+    members: dict[str, list[tuple[str, bool, bool]]] = field(default_factory=dict)
+
+
 @dataclass
 class Organisation:
     tenant_id: str
@@ -226,9 +295,30 @@ class Organisation:
     groups: dict[str, Group]
     others: dict[str, OtherObject]
     initial_domain: str = INITIAL_DOMAIN
+    seed: int = 7
+    version: int = 0  # bumped by every mutation
+    steps_applied: int = 0  # evolution steps applied so far
+    changes: list[Change] = field(default_factory=list, repr=False)
+    deleted_groups: dict[str, Group] = field(default_factory=dict, repr=False)
+    deleted_users: dict[str, User] = field(default_factory=dict, repr=False)
+    evolved_groups: list[str] = field(default_factory=list, repr=False)  # created by evolve()
+    # One lock for mutations and for readers that need a consistent view (threaded server).
+    lock: AbstractContextManager[Any] = field(
+        default_factory=threading.RLock, repr=False, compare=False
+    )
     _transitive: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     _transitive_users: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     _by_name: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Caches that mutations keep up to date incrementally (rebuilt after invalidate_cache).
+    _member_sets: dict[str, set[str]] = field(default_factory=dict, repr=False, compare=False)
+    _user_ids: list[str] | None = field(default=None, repr=False, compare=False)
+    _sorted_members: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    # Stable position of every group ever seen (deleted ones keep theirs): delta paging order.
+    _ordinals: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for gid in self.groups:
+            self._ordinals.setdefault(gid, len(self._ordinals))
 
     def group_by_name(self, name: str) -> Group:
         """The group with exactly this display name (KeyError if none)."""
@@ -244,6 +334,9 @@ class Organisation:
         self._transitive.clear()
         self._transitive_users.clear()
         self._by_name.clear()
+        self._member_sets.clear()
+        self._user_ids = None
+        self._sorted_members.clear()
 
     def transitive_members(self, group_id: str) -> list[str]:
         """All objects reachable through nesting: depth-first, de-duplicated, cycle-safe."""
@@ -279,6 +372,326 @@ class Organisation:
             self._transitive_users[group_id] = cached
         return cached
 
+    # -- change over time --------------------------------------------------------------------
+    def group_ordinal(self, group_id: str) -> int:
+        """Creation position of a (possibly deleted) group: a stable delta paging order."""
+        return self._ordinals[group_id]
+
+    def object_exists(self, object_id: str) -> bool:
+        return object_id in self.users or object_id in self.groups or object_id in self.others
+
+    def _members_of(self, group: Group) -> set[str]:
+        cached = self._member_sets.get(group.id)
+        if cached is None:
+            cached = self._member_sets[group.id] = set(group.members)
+        return cached
+
+    def sorted_members(self, group_id: str) -> list[str]:
+        """Direct member ids sorted (cached until the next change): a stable paging order."""
+        cached = self._sorted_members.get(group_id)
+        if cached is None:
+            cached = self._sorted_members[group_id] = sorted(self.groups[group_id].members)
+        return cached
+
+    def user_id_list(self) -> list[str]:
+        """User ids in creation order (cached: evolution picks users by index)."""
+        if self._user_ids is None:
+            self._user_ids = list(self.users)
+        return self._user_ids
+
+    def _bump(self, records: list[tuple[str, str | None, str | None]]) -> None:
+        # One version per mutation; caches derived from memberships are dropped (the member
+        # sets and user list are kept current by the callers).
+        self.version += 1
+        self.changes.extend(Change(self.version, k, g, m) for k, g, m in records)
+        self._transitive.clear()
+        self._transitive_users.clear()
+        self._by_name.clear()
+        self._sorted_members.clear()
+
+    def _derived_id(self, *parts: object) -> str:
+        # Deterministic ids for objects created without an rng: same tenant+history, same id.
+        digest = hashlib.sha256(":".join(map(str, (self.tenant_id, *parts))).encode()).digest()
+        return _uuid4(int.from_bytes(digest[:16], "big"))
+
+    def add_member(self, group_id: str, member_id: str) -> bool:
+        """Add a direct member; False (and no version bump) when already a member."""
+        with self.lock:
+            group = self.groups[group_id]
+            if not self.object_exists(member_id) or member_id == group_id:
+                raise KeyError(f"no directory object {member_id!r} to add to {group_id!r}")
+            members = self._members_of(group)
+            if member_id in members:
+                return False
+            group.members.append(member_id)
+            members.add(member_id)
+            self._bump([(MEMBER_ADDED, group_id, member_id)])
+            return True
+
+    def remove_member(self, group_id: str, member_id: str) -> bool:
+        """Remove a direct member; False (and no version bump) when not a member."""
+        with self.lock:
+            group = self.groups[group_id]
+            members = self._members_of(group)
+            if member_id not in members:
+                return False
+            group.members.remove(member_id)
+            members.discard(member_id)
+            self._bump([(MEMBER_REMOVED, group_id, member_id)])
+            return True
+
+    def create_group(
+        self,
+        display_name: str,
+        members: list[str] | tuple[str, ...] = (),
+        *,
+        unified: bool = False,
+        description: str | None = "",
+        mail_enabled: bool | None = None,
+        visibility: str | None = None,
+        created_date_time: str | None = None,
+        rng: random.Random | None = None,
+    ) -> Group:
+        """A new group with these direct members (ids from ``rng`` when given)."""
+        with self.lock:
+            for member in members:
+                if not self.object_exists(member):
+                    raise KeyError(f"no directory object {member!r}")
+            gid = (
+                _uuid4(rng.getrandbits(128))
+                if rng is not None
+                else self._derived_id("group", self.version, display_name)
+            )
+            nicknames = {g.mail_nickname for g in self.groups.values()}
+            nicknames.update(g.mail_nickname for g in self.deleted_groups.values())
+            base = _ascii_slug(display_name, "-") or "group"
+            nick, n = base, 1
+            while nick in nicknames:  # deterministic suffixes: no rng draws needed
+                n += 1
+                nick = f"{base}-{n}"
+            mail_on = unified if mail_enabled is None else mail_enabled
+            group = Group(
+                id=gid,
+                display_name=display_name,
+                description=f"{display_name} group" if description == "" else description,
+                mail=f"{nick}@{self.default_domain}" if mail_on else None,
+                mail_nickname=nick,
+                group_types=["Unified"] if unified else [],
+                security_enabled=not unified,
+                mail_enabled=mail_on,
+                created_date_time=created_date_time or _iso(dt.datetime.now(dt.UTC)),
+                members=list(dict.fromkeys(members)),
+                visibility=visibility or ("Private" if unified else None),
+            )
+            self.groups[gid] = group
+            self._ordinals[gid] = len(self._ordinals)
+            self._member_sets[gid] = set(group.members)
+            self._bump([(GROUP_CREATED, gid, None)])
+            return group
+
+    def delete_group(self, group_id: str) -> Group:
+        """Delete a group: gone from listings and from its parents' member lists."""
+        with self.lock:
+            group = self.groups.pop(group_id)
+            self._member_sets.pop(group_id, None)
+            self.deleted_groups[group_id] = group
+            if group_id in self.evolved_groups:
+                self.evolved_groups.remove(group_id)
+            records: list[tuple[str, str | None, str | None]] = []
+            for parent in self.groups.values():
+                members = self._members_of(parent)
+                if group_id in members:
+                    parent.members.remove(group_id)
+                    members.discard(group_id)
+                    records.append((MEMBER_REMOVED, parent.id, group_id))
+            records.append((GROUP_DELETED, group_id, None))
+            self._bump(records)
+            return group
+
+    def rename_group(self, group_id: str, new_name: str) -> None:
+        with self.lock:
+            group = self.groups[group_id]
+            if group.display_name == new_name:
+                return
+            group.display_name = new_name
+            self._bump([(GROUP_RENAMED, group_id, None)])
+
+    def create_user(
+        self,
+        given_name: str,
+        surname: str,
+        *,
+        department: str | None = None,
+        user_type: str = "Member",
+        mail_local: str | None = None,
+        created_date_time: str | None = None,
+        rng: random.Random | None = None,
+    ) -> User:
+        """A new internal (or guest) user; not in any group until added."""
+        with self.lock:
+            uid = (
+                _uuid4(rng.getrandbits(128))
+                if rng is not None
+                else self._derived_id("user", self.version, given_name, surname)
+            )
+            local = mail_local or f"{_ascii_slug(given_name)}.{_ascii_slug(surname, '')}.{uid[:4]}"
+            upn = f"{local}@{self.default_domain}"
+            user = User(
+                id=uid,
+                display_name=f"{given_name} {surname}",
+                mail=upn,
+                user_principal_name=upn,
+                user_type=user_type,
+                account_enabled=True,
+                department=department,
+                external_user_state=None,
+                given_name=given_name,
+                surname=surname,
+                job_title=_JOB_TITLES[department][0] if department in _JOB_TITLES else None,
+                office_location=None,
+                created_date_time=created_date_time or _iso(dt.datetime.now(dt.UTC)),
+            )
+            self.users[uid] = user
+            if self._user_ids is not None:
+                self._user_ids.append(uid)
+            self._bump([(USER_CREATED, None, uid)])
+            return user
+
+    def delete_user(self, user_id: str) -> User:
+        """Delete a user: removed from every group (logged as MEMBER_DELETED removals)."""
+        with self.lock:
+            user = self.users.pop(user_id)
+            self.deleted_users[user_id] = user
+            if self._user_ids is not None:
+                self._user_ids.remove(user_id)
+            records: list[tuple[str, str | None, str | None]] = []
+            for group in self.groups.values():
+                members = self._members_of(group)
+                if user_id in members:
+                    group.members.remove(user_id)
+                    members.discard(user_id)
+                    records.append((MEMBER_DELETED, group.id, user_id))
+            records.append((USER_DELETED, None, user_id))
+            self._bump(records)
+            return user
+
+    def net_changes(self, since: int, until: int | None = None) -> NetChanges:
+        """Net group changes between versions ``since`` (exclusive) and ``until`` (inclusive)."""
+        with self.lock:
+            start = bisect.bisect_right(self.changes, since, key=attrgetter("version"))
+            first: dict[tuple[str, str], str] = {}
+            last: dict[tuple[str, str], str] = {}
+            created: dict[str, None] = {}
+            deleted: dict[str, None] = {}
+            renamed: dict[str, None] = {}
+            for change in self.changes[start:]:
+                if until is not None and change.version > until:
+                    break
+                kind, gid = change.kind, change.group_id
+                if kind in _MEMBER_KINDS:
+                    key = (gid or "", change.member_id or "")
+                    first.setdefault(key, kind)
+                    last[key] = kind
+                elif kind == GROUP_CREATED:
+                    created[gid or ""] = None
+                elif kind == GROUP_DELETED:
+                    deleted[gid or ""] = None
+                elif kind == GROUP_RENAMED:
+                    renamed[gid or ""] = None
+            net = NetChanges(
+                created=[g for g in created if g not in deleted],
+                deleted=[g for g in deleted if g not in created],
+                renamed=[g for g in renamed if g not in created and g not in deleted],
+            )
+            for (gid, member), kind in first.items():
+                if gid in created or gid in deleted:
+                    continue  # rendered whole (created) or as @removed (deleted)
+                was_member = kind != MEMBER_ADDED  # the first change tells the old state
+                final = last[(gid, member)]
+                is_member = final == MEMBER_ADDED
+                if was_member != is_member:
+                    entry = (member, was_member, final == MEMBER_DELETED)
+                    net.members.setdefault(gid, []).append(entry)
+            return net
+
+    def evolve(self, steps: int = 1) -> int:
+        """Apply ``steps`` deterministic pseudo-random steps; returns ``steps_applied``."""
+        with self.lock:
+            depts: list[str] = []
+            for name in DEPARTMENT_GROUPS.values():
+                with contextlib.suppress(KeyError):  # a test may have deleted one
+                    depts.append(self.group_by_name(name).id)
+            try:
+                everyone: str | None = self.group_by_name("All Company").id
+            except KeyError:
+                everyone = None
+            for _ in range(steps):
+                self._evolve_step(self.steps_applied + 1, depts, everyone)
+            return self.steps_applied
+
+    def evolve_to(self, step: int) -> int:
+        """Evolve forward to ``step`` (never backwards); returns ``steps_applied``."""
+        with self.lock:
+            return self.evolve(max(0, step - self.steps_applied))
+
+    def _evolve_step(self, k: int, depts: list[str], everyone: str | None) -> None:
+        rng = random.Random(f"{self.seed}:{k}")  # step k: a pure function of (seed, k)
+        rand = rng.random
+        when = _iso(EVOLVE_EPOCH + dt.timedelta(hours=k))
+        groups, users = self.groups, self.users
+        user_ids = self.user_id_list()
+        depts = [g for g in depts if g in groups]
+        projects = [g.id for g in groups.values() if g.display_name.startswith("Project ")]
+        targets = depts + projects
+        # A few people join or leave department and project groups.
+        for _ in range(1 + int(rand() * 3)):
+            gid = targets[int(rand() * len(targets))]
+            uid = user_ids[int(rand() * len(user_ids))]
+            if users[uid].user_type == "Member":
+                self.add_member(gid, uid)
+        for _ in range(1 + int(rand() * 3)):
+            group = groups[targets[int(rand() * len(targets))]]
+            if len(group.members) > 1:  # never empty a group by attrition
+                member = group.members[int(rand() * len(group.members))]
+                if member in users:
+                    self.remove_member(group.id, member)
+        if rand() < 0.06:  # a new project with a small team
+            team = {user_ids[int(rand() * len(user_ids))] for _ in range(3 + int(rand() * 13))}
+            codename = _NEW_PROJECTS[int(rand() * len(_NEW_PROJECTS))]
+            created = self.create_group(
+                f"Project {codename} {k}",
+                [u for u in user_ids if u in team],  # creation order: deterministic
+                unified=rand() < 0.5,
+                created_date_time=when,
+                rng=rng,
+            )
+            self.evolved_groups.append(created.id)
+        # Deletion gets likelier as evolved projects pile up (steady state around a dozen).
+        if self.evolved_groups and rand() < min(0.5, 0.005 * len(self.evolved_groups)):
+            self.delete_group(self.evolved_groups[int(rand() * len(self.evolved_groups))])
+        if self.evolved_groups and rand() < 0.03:
+            gid = self.evolved_groups[int(rand() * len(self.evolved_groups))]
+            codename = _NEW_PROJECTS[int(rand() * len(_NEW_PROJECTS))]
+            self.rename_group(gid, f"Project {codename} {k}")
+        if rand() < 0.08 and len(user_ids) > 100:  # someone leaves the company
+            self.delete_user(user_ids[int(rand() * len(user_ids))])
+        if rand() < 0.08 and depts:  # a new hire joins a department (and All Company)
+            first, last = _FIRST[int(rand() * len(_FIRST))], _LAST[int(rand() * len(_LAST))]
+            gid = depts[int(rand() * len(depts))]
+            dept = next((d for d, n in DEPARTMENT_GROUPS.items() if n == groups[gid].display_name))
+            hire = self.create_user(
+                first,
+                last,
+                department=dept,
+                mail_local=f"{_FIRST_SLUG[first]}.{_LAST_SLUG[last]}.{k}",
+                created_date_time=when,
+                rng=rng,
+            )
+            self.add_member(gid, hire.id)
+            if everyone is not None and everyone in groups:
+                self.add_member(everyone, hire.id)
+        self.steps_applied = k
+
 
 def _ascii_slug(text: str, sep: str = ".") -> str:
     """Mail-safe local part: strip accents, keep [a-z0-9], join words with ``sep``."""
@@ -299,6 +712,12 @@ _UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _UUID_SET = (0x8000 << 48) | (4 << 76)
 
 
+def _uuid4(bits: int) -> str:
+    """Same value as str(uuid.UUID(int=bits, version=4)), 3x faster."""
+    h = f"{(bits & _UUID_CLEAR) | _UUID_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def build_organisation(
     seed: int = 7,
     users: int = 6000,
@@ -313,9 +732,7 @@ def build_organisation(
     getrandbits = rng.getrandbits
 
     def new_id() -> str:
-        # Same value as str(uuid.UUID(int=getrandbits(128), version=4)), 3x faster.
-        h = f"{(getrandbits(128) & _UUID_CLEAR) | _UUID_SET:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return _uuid4(getrandbits(128))
 
     # --- users -----------------------------------------------------------------------------
     n = users
@@ -550,6 +967,7 @@ def build_organisation(
         users=user_map,
         groups=groups,
         others=others,
+        seed=seed,
     )
 
 

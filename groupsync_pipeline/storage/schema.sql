@@ -76,8 +76,71 @@ CREATE TABLE IF NOT EXISTS group_syncs (
     remote_member_count BIGINT,                -- what the app's own count said (checked against members)
     other_members       VARCHAR,               -- JSON {type: count} of non-people skipped (devices, groups...)
     nested_groups       BIGINT NOT NULL,       -- nested groups expanded
-    pages               BIGINT NOT NULL,       -- API pages read
-    duration_seconds    DOUBLE NOT NULL
+    pages               BIGINT NOT NULL,       -- API pages read (hourly syncs: by the whole connection)
+    duration_seconds    DOUBLE NOT NULL,
+    mode                VARCHAR                -- import | delta | full (hourly syncs); NULL before v0.2
+);
+-- Warehouses created before hourly syncs existed get the column added.
+ALTER TABLE group_syncs ADD COLUMN IF NOT EXISTS mode VARCHAR;
+
+-- import_requests: every request to import a group (command line or Dagster launchpad) and its
+-- outcome. A copy of the control store (control.sqlite3), refreshed at every warehouse write;
+-- `groupsync requests` shows the live state.
+CREATE TABLE IF NOT EXISTS import_requests (
+    request_id       BIGINT PRIMARY KEY,
+    connection       VARCHAR NOT NULL,
+    group_reference  VARCHAR NOT NULL,      -- what the person asked for: id or exact name
+    remote_group_id  VARCHAR,               -- the group's id in the app, once resolved
+    group_name       VARCHAR,
+    notify_email     VARCHAR,               -- who is emailed when the import ends
+    source           VARCHAR NOT NULL,      -- cli | launchpad | retry
+    retry_of         BIGINT,                -- the failed request this one retries
+    status           VARCHAR NOT NULL,      -- pending | running | done | failed
+    requested_at     TIMESTAMPTZ NOT NULL,
+    started_at       TIMESTAMPTZ,
+    finished_at      TIMESTAMPTZ,
+    run_id           VARCHAR,               -- the Dagster run that carried it out
+    error            VARCHAR,               -- why it failed
+    members          BIGINT,
+    joined           BIGINT,
+    "left"           BIGINT,
+    nested_groups    BIGINT,
+    pages            BIGINT,
+    duration_seconds DOUBLE
+);
+
+-- connection_sync_state: where each connection's hourly sync stands.
+CREATE TABLE IF NOT EXISTS connection_sync_state (
+    connection         VARCHAR PRIMARY KEY,
+    delta_link         VARCHAR,             -- the app's resume point (Graph @odata.deltaLink)
+    chain_started_at   TIMESTAMPTZ,         -- when the current delta chain began (a full read)
+    last_synced_at     TIMESTAMPTZ,         -- last committed sync of any kind
+    last_full_sync_at  TIMESTAMPTZ,
+    last_full_sync_reason VARCHAR           -- first sync | periodic | delta state expired ... | requested
+);
+
+-- membership_holds: syncs that would have removed too many members of a group, held back.
+-- While a hold is 'held' the group is not changed; `groupsync confirm-shrink` or the next full
+-- sync showing the same loss applies it.
+CREATE TABLE IF NOT EXISTS membership_holds (
+    group_id        VARCHAR NOT NULL,
+    detected_at     TIMESTAMPTZ NOT NULL,
+    run_id          VARCHAR,
+    mode            VARCHAR NOT NULL,       -- delta | full: the sync that saw the loss
+    members_before  BIGINT NOT NULL,
+    members_after   BIGINT NOT NULL,
+    "left"          BIGINT NOT NULL,
+    status          VARCHAR NOT NULL,       -- held | confirmed | agreed | withdrawn
+    resolved_at     TIMESTAMPTZ
+);
+
+-- _remote_direct_members (internal): each app group's DIRECT members of every type, as the
+-- delta chain last left them; imported groups' people are the transitive closure over it.
+CREATE TABLE IF NOT EXISTS _remote_direct_members (
+    connection      VARCHAR NOT NULL,
+    parent_id       VARCHAR NOT NULL,       -- the group's id in the app
+    member_id       VARCHAR NOT NULL,
+    member_type     VARCHAR NOT NULL        -- user | group | device | servicePrincipal | ...
 );
 
 -- group_members: who is in each group now, with their account details.

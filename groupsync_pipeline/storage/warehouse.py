@@ -26,6 +26,8 @@ from pathlib import Path
 
 import duckdb
 
+from groupsync_pipeline.storage.control import ControlStore, mirror_import_requests
+
 WAREHOUSE_FILE = "warehouse.duckdb"
 PUBLISHED_FILE = "groupsync.duckdb"
 LOCK_FILE = "warehouse.lock"
@@ -94,6 +96,8 @@ class Warehouse:
                 conn.execute("BEGIN TRANSACTION")
                 try:
                     yield conn
+                    # Requests live in the control store; each write refreshes their copy here.
+                    mirror_import_requests(conn, ControlStore(self.data_dir))
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -141,14 +145,20 @@ class Warehouse:
                 pass
 
     @contextmanager
+    def shared_lock(self) -> Iterator[None]:
+        """No writer until the block ends: for a caller that attaches the warehouse itself."""
+        self.ensure_published()
+        with self._locked(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
     def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection for the pipeline's own reads (checks, CLI listings).
 
         It reads the private warehouse under a shared lock, not the published snapshot: an
         analyst holding the snapshot read-write would make any other opener of it fail.
         """
-        self.ensure_published()
-        with self._locked(fcntl.LOCK_SH):
+        with self.shared_lock():
             conn = duckdb.connect(str(self.warehouse_path), read_only=True)
             try:
                 yield conn

@@ -261,9 +261,9 @@ def merge_group_members(
     conn.execute(
         """
         INSERT INTO group_syncs (group_id, synced_at, run_id, members, joined, "left",
-            remote_member_count, other_members, nested_groups, pages, duration_seconds)
+            remote_member_count, other_members, nested_groups, pages, duration_seconds, mode)
         VALUES ($group_id, $now, $run_id, $members, $joined, $left,
-            $remote_count, $other, $nested, $pages, $duration)
+            $remote_count, $other, $nested, $pages, $duration, 'import')
         """,
         {
             "group_id": group_id,
