@@ -2,67 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from groupsync_pipeline.config import DEFAULT_DATA_DIR, ConfigError, load_connections
-
-DEMO_GROUPS = ("HR", "Executives", "IT admins", "All Company")
-DEMO_SECRET_ENV = "GROUPSYNC_DEMO_CLIENT_SECRET"
-EXAMPLE_QUERIES = (
-    (
-        "Imported groups, their size and freshness",
-        "SELECT name, member_count, imported_at, last_synced_at FROM user_groups ORDER BY name",
-    ),
-    (
-        "Who is in HR now",
-        "SELECT email, display_name, member_since FROM group_members "
-        "WHERE group_name = 'HR' ORDER BY email LIMIT 5",
-    ),
-    (
-        "External accounts (guests) per group",
-        "SELECT group_name, count(*) AS externals FROM group_members WHERE is_external "
-        "GROUP BY group_name ORDER BY externals DESC",
-    ),
-)
 
 
 @click.group()
 def main() -> None:
     """groupsync: import user groups from connected apps into DuckDB, through Dagster."""
-
-
-def _sandbox_connections_yaml(tenant: Any, secret_env: str) -> str:
-    """A connections file for a running sandbox tenant, as a real tenant would be configured."""
-    entry = {
-        "name": "sandbox",
-        "app": "office365",
-        "tenant_id": tenant.tenant_id,
-        "client_id": tenant.client_id,
-        "client_secret_env": secret_env,
-        "authority_host": tenant.authority_host,
-        "graph_url": tenant.graph_url,
-        "ca_bundle": tenant.ca_bundle,
-    }
-    return yaml.safe_dump({"connections": [entry]}, sort_keys=False)
-
-
-def _run_config(op: str, op_config: dict[str, Any], connections_file: Path, data_dir: Path) -> dict:
-    return {
-        "ops": {op: {"config": op_config}},
-        # Progress lines are printed by the demo itself; the full log stays in the run history.
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
-        "resources": {
-            "connections": {"config": {"connections_file": str(connections_file)}},
-            "warehouse": {"config": {"data_dir": str(data_dir)}},
-        },
-    }
 
 
 @main.command()
@@ -74,81 +26,14 @@ def _run_config(op: str, op_config: dict[str, Any], connections_file: Path, data
     help="Where the DuckDB files and the demo's Dagster instance are written.",
 )
 def demo(data_dir: Path) -> None:
-    """Run the real pipeline against the sandbox tenant and show what it stored."""
-    import dagster as dg
-    import duckdb
+    """Run the whole lifecycle against the sandbox tenant and show what it stored."""
+    from groupsync_pipeline.demo import DemoError, run_demo
 
-    from groupsync_pipeline.definitions import defs
-    from groupsync_pipeline.sandbox.graph import GraphSandbox
-    from groupsync_pipeline.storage.warehouse import Warehouse
-
-    data_dir = data_dir.expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with GraphSandbox() as sandbox:
-        click.echo(f"Sandbox Microsoft 365 tenant listening on {sandbox.base_url}")
-        connections_file = data_dir / "demo-connections.yaml"
-        connections_file.write_text(_sandbox_connections_yaml(sandbox, DEMO_SECRET_ENV))
-        os.environ[DEMO_SECRET_ENV] = sandbox.client_secret  # the sandbox's published fake secret
-        (data_dir / "dagster").mkdir(exist_ok=True)
-        instance = dg.DagsterInstance.local_temp(
-            str(data_dir / "dagster"), overrides={"telemetry": {"enabled": False}}
-        )
-        catalog_job = defs.resolve_job_def("refresh_group_catalogs")
-        import_job = defs.resolve_job_def("import_user_group")
-        result = catalog_job.execute_in_process(
-            run_config=_run_config("group_catalog", {}, connections_file, data_dir),
-            instance=instance,
-            raise_on_error=False,
-        )
-        _require_success(result, "catalog refresh")
-        click.echo("Group catalog refreshed.")
-        for group in DEMO_GROUPS:
-            step_started = time.monotonic()
-            result = import_job.execute_in_process(
-                run_config=_run_config(
-                    "imported_group_members",
-                    {"connection": "sandbox", "group": group},
-                    connections_file,
-                    data_dir,
-                ),
-                instance=instance,
-                raise_on_error=False,
-            )
-            _require_success(result, f"import of {group}")
-            metadata = _materialization_metadata(result)
-            click.echo(
-                f"Imported {group!r}: {metadata.get('members')} members from "
-                f"{metadata.get('pages_fetched')} pages in {time.monotonic() - step_started:.1f} s "
-                f"(run {result.run_id[:8]})"
-            )
-    warehouse = Warehouse(data_dir)
-    click.echo(f"\nDone in {time.monotonic() - started:.1f} s.")
-    click.echo(f"DuckDB file to query: {warehouse.published_path}")
-    click.echo(f"  duckdb -readonly {warehouse.published_path}")
-    conn = duckdb.connect(str(warehouse.published_path), read_only=True)
     try:
-        for title, sql in EXAMPLE_QUERIES:
-            click.echo(f"\n-- {title}\n{sql};")
-            frame = conn.execute(sql).df()
-            click.echo(frame.to_string(index=False))
-    finally:
-        conn.close()
-
-
-def _require_success(result: Any, what: str) -> None:
-    if result.success:
-        return
-    messages = [event.message for event in result.all_events if event.is_failure and event.message]
-    click.echo(f"error: {what} failed: {messages[-1] if messages else 'see the run log'}", err=True)
-    sys.exit(1)
-
-
-def _materialization_metadata(result: Any) -> dict[str, Any]:
-    for event in result.get_asset_materialization_events():
-        materialization = event.event_specific_data.materialization
-        return {key: value.value for key, value in materialization.metadata.items()}
-    return {}
+        run_demo(data_dir.expanduser().resolve(), click.echo)
+    except DemoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command("connections")
@@ -167,10 +52,11 @@ def connections_command() -> None:
 @click.option("--port", default=0, show_default=True, help="Port to listen on (0: any free).")
 def sandbox(port: int) -> None:
     """Serve the sandbox Microsoft 365 tenant on loopback until interrupted."""
+    from groupsync_pipeline.demo import sandbox_connections_yaml
     from groupsync_pipeline.sandbox.graph import GraphSandbox
 
     with GraphSandbox(port=port) as tenant:
-        click.echo(_sandbox_connections_yaml(tenant, "SANDBOX_CLIENT_SECRET"))
+        click.echo(sandbox_connections_yaml(tenant, "SANDBOX_CLIENT_SECRET"))
         click.echo(f"# export SANDBOX_CLIENT_SECRET={tenant.client_secret}   (a fake secret)")
         click.echo("# Ctrl-C to stop")
         try:

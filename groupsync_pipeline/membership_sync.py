@@ -156,6 +156,12 @@ def sync_connection(
     try:
         with open_connector(connection) as connector:
             graph_url = getattr(connector, "graph_url", "")
+            if reason is None and not (
+                stored_link.startswith("/") or stored_link.startswith(graph_url.rstrip("/") + "/")
+            ):
+                # The connection now points at another API root: its saved state cannot apply.
+                reason = "the connection's API address changed"
+                outcome.mode = "full"
             link = None if reason else _usable_link(stored_link, graph_url)
             try:
                 new_link = _read_round(connector, staging, link, log, progress_every)

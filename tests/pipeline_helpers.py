@@ -19,7 +19,11 @@ def run_job(
     connections_file: Path,
     data_dir: Path,
 ) -> dg.ExecuteInProcessResult:
-    op = {"import_user_group": "imported_group_members", "refresh_group_catalogs": "group_catalog"}
+    op = {
+        "import_user_group": "imported_group_members",
+        "sync_group_memberships": "imported_group_members",
+        "refresh_group_catalogs": "group_catalog",
+    }
     return defs.resolve_job_def(job).execute_in_process(
         run_config={
             "ops": {op[job]: {"config": op_config}},

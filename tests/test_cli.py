@@ -23,8 +23,12 @@ def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Imported 'HR': " in result.output
     assert "Imported 'All Company': 5200 members from 6 pages" in result.output
+    assert "The sensor's next tick sent 4 completion emails" in result.output
+    assert "Subject: groupsync: 'HR' imported from sandbox (273 members)" in result.output
+    assert "First hourly sync: full sync (first sync)" in result.output
+    assert "After 3 hours of tenant changes: delta sync, 1 Graph request:" in result.output
     assert f"DuckDB file to query: {data / 'groupsync.duckdb'}" in result.output
-    assert result.output.count("SELECT ") == 3
+    assert result.output.count("SELECT ") == 5
     conn = duckdb.connect(str(data / "groupsync.duckdb"), read_only=True)
     try:
         names = conn.execute("SELECT name FROM user_groups ORDER BY name").fetchall()

@@ -44,6 +44,7 @@ def test_import_stores_members_history_and_passes_checks(
     assert check_results(result) == {
         "member_count_matches_remote": True,
         "no_duplicate_members": True,
+        "no_held_shrinks": True,
     }
     rows = query(data, "SELECT account_id FROM group_members WHERE group_name = 'All Company'")
     assert {r[0] for r in rows} == expected

@@ -715,6 +715,7 @@ class GraphSandbox:
         delta_expiry_mode: str = "gone",
         omit_deleted_user_removals: bool = False,
         random_token_key: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.org: Organisation = org if org is not None else build_organisation()
         if evolve_every is not None and evolve_every <= 0:
@@ -732,7 +733,8 @@ class GraphSandbox:
         self.delta_expiry_mode = delta_expiry_mode
         # Graph: "permanently deleted users may not appear as removals".
         self.omit_deleted_user_removals = omit_deleted_user_removals
-        self.clock: Callable[[], float] = time.time  # wall clock: evolution, token ages
+        # Wall clock for evolution steps and token ages (tests substitute their own).
+        self.clock: Callable[[], float] = clock or time.time
         self._delta_epoch = 0  # bumped by expire_delta_tokens()
         self.host = host
         self.port = port
@@ -1504,7 +1506,7 @@ class GraphSandbox:
         else:  # no token, or the empty $deltatoken of a 410's Location: start afresh
             shape = self._delta_shape(params)
             start, first_page = self.org.version, True
-        items = self._delta_items(shape, since, cursor[0])
+        items = self._delta_items(shape, since, start, cursor[0])
         value, next_cursor = self._delta_fill(items, cursor, shape.select)
         select = list(shape.select or ())
         body: dict[str, Any] = {
@@ -1517,7 +1519,8 @@ class GraphSandbox:
             )
             body["@odata.nextLink"] = f"{self.graph_url}/groups/delta?$skiptoken={token}"
         else:
-            # The round's START version: changes made while paging are replayed next time.
+            # The round's START version: its pages showed the tenant as of then, so every
+            # change made while the client paged comes in the next round.
             body["@odata.deltaLink"] = self._delta_link(start, shape)
         body["value"] = value
         return _Response(200, body)
@@ -1639,9 +1642,14 @@ class GraphSandbox:
         return f"{self.graph_url}/groups/delta?$deltatoken={token}"
 
     def _delta_items(
-        self, shape: _DeltaShape, since: int | None, from_ordinal: int
+        self, shape: _DeltaShape, since: int | None, start: int, from_ordinal: int
     ) -> list[_DeltaItem]:
-        """The round's group objects from ``from_ordinal`` on, in stable (creation) order."""
+        """The round's group objects from ``from_ordinal`` on, in stable (creation) order.
+
+        Every page of a round shows the tenant as of the round's start version (memberships
+        rewound through the change log) and the deltaLink resumes from there: a change made
+        while a client pages is never half-seen and then netted away.
+        """
         org = self.org
         wanted = set(shape.ids) if shape.ids is not None else None
         items: list[_DeltaItem] = []
@@ -1649,18 +1657,14 @@ class GraphSandbox:
         def keep(gid: str) -> bool:
             return (wanted is None or gid in wanted) and org.group_ordinal(gid) >= from_ordinal
 
-        if since is None:  # initial round: every existing group with all its direct members
-            for group in org.groups.values():
+        if since is None:  # initial round: every group with all its direct members
+            snapshot = org.snapshot(start)
+            for group in snapshot.groups:
                 if keep(group.id):
-                    members = org.sorted_members(group.id) if shape.members else None
+                    members = snapshot.members(group.id) if shape.members else None
                     items.append(_DeltaItem(org.group_ordinal(group.id), group, None, members))
             return items
-        net = org.net_changes(since)
-        for gid in net.created:
-            group = org.groups[gid]
-            if keep(gid):
-                members = org.sorted_members(gid) if shape.members else None
-                items.append(_DeltaItem(org.group_ordinal(gid), group, None, members))
+        net = org.net_changes(since, start)
         for gid in net.deleted:
             group = org.deleted_groups[gid]
             if keep(gid):
@@ -1669,8 +1673,9 @@ class GraphSandbox:
                 items.append(_DeltaItem(org.group_ordinal(gid), group, reason))
         props_tracked = shape.select is None or "displayName" in shape.select
         renamed = set(net.renamed) if props_tracked else set()
-        for gid in dict.fromkeys([*net.renamed, *net.members]):
-            if gid not in org.groups or not keep(gid):
+        created = set(net.created)
+        for gid in dict.fromkeys([*net.created, *net.renamed, *net.members]):
+            if not keep(gid):
                 continue
             entries = sorted(
                 (member, removed)
@@ -1678,12 +1683,12 @@ class GraphSandbox:
                 if shape.members
                 and not (removed and by_user_deletion and self.omit_deleted_user_removals)
             )
-            if not entries and gid not in renamed:
+            if not entries and gid not in renamed and gid not in created:
                 continue  # nothing this round tracks changed
             items.append(
                 _DeltaItem(
                     org.group_ordinal(gid),
-                    org.groups[gid],
+                    org.find_group(gid),  # if deleted since the round began, next round says so
                     None,
                     [m for m, _ in entries] if shape.members else None,
                     frozenset(m for m, removed in entries if removed),

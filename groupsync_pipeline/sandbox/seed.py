@@ -279,11 +279,42 @@ class Change(NamedTuple):
 class NetChanges:
     """What changed between two versions, netted out (add then remove = nothing)."""
 
-    created: list[str] = field(default_factory=list)  # groups new since, still existing
-    deleted: list[str] = field(default_factory=list)  # groups that existed then, gone now
+    created: list[str] = field(default_factory=list)  # created in the range, not deleted in it
+    deleted: list[str] = field(default_factory=list)  # existed before the range, deleted in it
     renamed: list[str] = field(default_factory=list)
-    # group id -> [(member id, removed, removed because the member user was deleted)]
+    # group id -> [(member id, removed, removed because the member user was deleted)]. For a
+    # created group: every current member, plus removals of members it had meanwhile (a
+    # client that saw the group mid-way must drop them; one that did not, ignores them).
     members: dict[str, list[tuple[str, bool, bool]]] = field(default_factory=dict)
+
+
+class _Scan(NamedTuple):
+    first: dict[tuple[str, str], str]
+    last: dict[tuple[str, str], str]
+    created: dict[str, None]
+    deleted: dict[str, None]
+    renamed: dict[str, None]
+
+
+@dataclass
+class Snapshot:
+    """Groups as of one version (see :meth:`Organisation.snapshot`)."""
+
+    version: int
+    groups: list[Group]  # those existing at ``version``, in creation order
+    _undo: dict[str, tuple[set[str], set[str]]] = field(repr=False)  # gid -> (added, removed)
+    _org: Organisation = field(repr=False)
+
+    def members(self, group_id: str) -> list[str]:
+        """Direct member ids at ``version``, sorted."""
+        org = self._org
+        undo = self._undo.get(group_id)
+        if undo is None:  # untouched since: today's list (cached while nothing changes)
+            if group_id in org.groups:
+                return org.sorted_members(group_id)
+            return sorted(org.find_group(group_id).members)
+        added, removed = undo
+        return sorted((set(org.find_group(group_id).members) - added) | removed)
 
 
 @dataclass
@@ -375,7 +406,8 @@ class Organisation:
     # -- change over time --------------------------------------------------------------------
     def group_ordinal(self, group_id: str) -> int:
         """Creation position of a (possibly deleted) group: a stable delta paging order."""
-        return self._ordinals[group_id]
+        # setdefault: a group a test put straight into ``groups`` goes last.
+        return self._ordinals.setdefault(group_id, len(self._ordinals))
 
     def object_exists(self, object_id: str) -> bool:
         return object_id in self.users or object_id in self.groups or object_id in self.others
@@ -486,7 +518,9 @@ class Organisation:
             self.groups[gid] = group
             self._ordinals[gid] = len(self._ordinals)
             self._member_sets[gid] = set(group.members)
-            self._bump([(GROUP_CREATED, gid, None)])
+            # Initial members are logged too: delta can then replay the group's whole history.
+            added = [(MEMBER_ADDED, gid, m) for m in group.members]
+            self._bump([(GROUP_CREATED, gid, None), *added])
             return group
 
     def delete_group(self, group_id: str) -> Group:
@@ -575,42 +609,68 @@ class Organisation:
             self._bump(records)
             return user
 
+    def _scan(self, since: int, until: int | None) -> _Scan:
+        """First and last change per (group, member), and group events, in (since, until]."""
+        scan = _Scan({}, {}, {}, {}, {})
+        start = bisect.bisect_right(self.changes, since, key=attrgetter("version"))
+        for change in self.changes[start:]:
+            if until is not None and change.version > until:
+                break
+            kind, gid = change.kind, change.group_id or ""
+            if kind in _MEMBER_KINDS:
+                key = (gid, change.member_id or "")
+                scan.first.setdefault(key, kind)
+                scan.last[key] = kind
+            elif kind == GROUP_CREATED:
+                scan.created[gid] = None
+            elif kind == GROUP_DELETED:
+                scan.deleted[gid] = None
+            elif kind == GROUP_RENAMED:
+                scan.renamed[gid] = None
+        return scan
+
+    def find_group(self, group_id: str) -> Group:
+        """A group, existing or deleted (KeyError if never seen)."""
+        group = self.groups.get(group_id)
+        return group if group is not None else self.deleted_groups[group_id]
+
+    def snapshot(self, version: int) -> Snapshot:
+        """The groups and their direct members as they were at ``version``.
+
+        Properties (displayName) are today's; memberships are rewound through the change log.
+        """
+        with self.lock:
+            scan = self._scan(version, None)
+            groups = [g for g in self.groups.values() if g.id not in scan.created]
+            groups += [self.deleted_groups[g] for g in scan.deleted if g not in scan.created]
+            groups.sort(key=lambda g: self._ordinals[g.id])
+            undo: dict[str, tuple[set[str], set[str]]] = {}
+            for (gid, member), kind in scan.first.items():
+                added, removed = undo.setdefault(gid, (set(), set()))
+                # The first change after ``version`` tells the state at ``version``.
+                (added if kind == MEMBER_ADDED else removed).add(member)
+            return Snapshot(version, groups, undo, self)
+
     def net_changes(self, since: int, until: int | None = None) -> NetChanges:
         """Net group changes between versions ``since`` (exclusive) and ``until`` (inclusive)."""
         with self.lock:
-            start = bisect.bisect_right(self.changes, since, key=attrgetter("version"))
-            first: dict[tuple[str, str], str] = {}
-            last: dict[tuple[str, str], str] = {}
-            created: dict[str, None] = {}
-            deleted: dict[str, None] = {}
-            renamed: dict[str, None] = {}
-            for change in self.changes[start:]:
-                if until is not None and change.version > until:
-                    break
-                kind, gid = change.kind, change.group_id
-                if kind in _MEMBER_KINDS:
-                    key = (gid or "", change.member_id or "")
-                    first.setdefault(key, kind)
-                    last[key] = kind
-                elif kind == GROUP_CREATED:
-                    created[gid or ""] = None
-                elif kind == GROUP_DELETED:
-                    deleted[gid or ""] = None
-                elif kind == GROUP_RENAMED:
-                    renamed[gid or ""] = None
+            scan = self._scan(since, until)
+            first, last = scan.first, scan.last
+            created, deleted, renamed = scan.created, scan.deleted, scan.renamed
             net = NetChanges(
                 created=[g for g in created if g not in deleted],
                 deleted=[g for g in deleted if g not in created],
                 renamed=[g for g in renamed if g not in created and g not in deleted],
             )
             for (gid, member), kind in first.items():
-                if gid in created or gid in deleted:
-                    continue  # rendered whole (created) or as @removed (deleted)
-                was_member = kind != MEMBER_ADDED  # the first change tells the old state
+                if gid in deleted:
+                    continue  # rendered as @removed
                 final = last[(gid, member)]
                 is_member = final == MEMBER_ADDED
-                if was_member != is_member:
-                    entry = (member, was_member, final == MEMBER_DELETED)
+                # A created group lists its whole history; otherwise the first change tells
+                # the old state and only a difference counts.
+                if gid in created or (kind != MEMBER_ADDED) != is_member:
+                    entry = (member, not is_member, final == MEMBER_DELETED)
                     net.members.setdefault(gid, []).append(entry)
             return net
 
@@ -642,14 +702,14 @@ class Organisation:
         user_ids = self.user_id_list()
         depts = [g for g in depts if g in groups]
         projects = [g.id for g in groups.values() if g.display_name.startswith("Project ")]
-        targets = depts + projects
+        targets = depts + projects or list(groups)
         # A few people join or leave department and project groups.
-        for _ in range(1 + int(rand() * 3)):
+        for _ in range(1 + int(rand() * 3) if targets else 0):
             gid = targets[int(rand() * len(targets))]
             uid = user_ids[int(rand() * len(user_ids))]
             if users[uid].user_type == "Member":
                 self.add_member(gid, uid)
-        for _ in range(1 + int(rand() * 3)):
+        for _ in range(1 + int(rand() * 3) if targets else 0):
             group = groups[targets[int(rand() * len(targets))]]
             if len(group.members) > 1:  # never empty a group by attrition
                 member = group.members[int(rand() * len(group.members))]
