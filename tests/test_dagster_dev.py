@@ -1,4 +1,4 @@
-"""`dagster dev` as the README starts it: a launch with no credentials imports from the sandbox."""
+"""`dagster dev` as the README starts it: launches and requested imports, no credentials needed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from click.testing import CliRunner
 from dagster_graphql import DagsterGraphQLClient
+
+from groupsync_pipeline.cli import main
+from groupsync_pipeline.smtp_sink import SmtpSink
 
 from .pipeline_helpers import query
 
@@ -25,13 +30,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_launchpad_run_imports_a_group_through_the_webserver_and_daemon(tmp_path: Path) -> None:
+def test_launchpad_run_and_requested_import_through_the_webserver_and_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "dagster-home"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
+    sink = SmtpSink().start()
     env = {k: v for k, v in os.environ.items() if k != "GROUPSYNC_CONNECTIONS"}
-    env.update(DAGSTER_HOME=str(home), GROUPSYNC_DATA_DIR=str(tmp_path / "data"))
+    env.update(
+        DAGSTER_HOME=str(home),
+        GROUPSYNC_DATA_DIR=str(tmp_path / "data"),
+        GROUPSYNC_SMTP_HOST=sink.host,
+        GROUPSYNC_SMTP_PORT=str(sink.port),
+        GROUPSYNC_SMTP_SECURITY="none",
+        GROUPSYNC_SMTP_FROM="groupsync@example.test",
+    )
+    # A person asks for a group before Dagster runs: the daemon's sensor must pick it up.
+    monkeypatch.delenv("GROUPSYNC_CONNECTIONS", raising=False)
+    monkeypatch.setenv("GROUPSYNC_DATA_DIR", env["GROUPSYNC_DATA_DIR"])
+    asked = CliRunner().invoke(
+        main, ["import-group", "--connection", "sandbox", "--group", "HR", "--notify", "hr@x.io"]
+    )
+    assert asked.exit_code == 0, asked.output
     dagster = Path(sys.executable).with_name("dagster")
     server = subprocess.Popen(
         [
@@ -80,11 +102,24 @@ def test_launchpad_run_imports_a_group_through_the_webserver_and_daemon(tmp_path
                 break
             time.sleep(1)
         assert status == "SUCCESS"
+        # The sensor launched the requested import and, on a later tick, emailed its outcome.
+        (mail,) = sink.wait_for(1, timeout=150)
+        assert mail.rcpt_tos == ("hr@x.io",)
+        assert "'HR' imported from sandbox" in mail.message["Subject"]
     finally:
+        sink.stop()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-    rows = query(tmp_path / "data", "SELECT name, member_count FROM user_groups")
-    assert rows and rows[0][0] == "Executives" and rows[0][1] > 0
+    rows = query(tmp_path / "data", "SELECT name, member_count FROM user_groups ORDER BY name")
+    assert [row[0] for row in rows] == ["Executives", "HR"] and all(row[1] > 0 for row in rows)
+    requests = query(
+        tmp_path / "data",
+        "SELECT request_id, group_name, source, status FROM import_requests ORDER BY request_id",
+    )
+    assert sorted(r[1:] for r in requests) == [
+        ("Executives", "launchpad", "done"),
+        ("HR", "cli", "done"),
+    ]
