@@ -313,7 +313,7 @@ def report(args: argparse.Namespace, settings: dict[str, Any], phases: list[Phas
     quiet_ok = quiet.graph <= 2
     ok &= quiet_ok
     print(
-        f"no-change sync: {quiet.graph} Graph requests for 1 connection (goal <= 2: "
+        f"no-change sync: {quiet.graph} Graph request(s) for 1 connection (goal <= 2: "
         f"{'PASS' if quiet_ok else 'FAIL'}), plus {quiet.identity} identity requests "
         f"(openid discovery + token: every sync builds a new msal client, so no token is reused)"
     )

@@ -9,6 +9,8 @@ from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Connector, ProgressCallback
 from groupsync_pipeline.connectors.office365 import GraphConnector
 
+EMBEDDED_SANDBOX_EVOLVE_SECONDS = 3600.0
+
 
 @contextmanager
 def open_connector(
@@ -20,7 +22,9 @@ def open_connector(
         from groupsync_pipeline.sandbox.graph import GraphSandbox
 
         with (
-            GraphSandbox() as sandbox,
+            # One evolution step per hour since a fixed epoch: every process sees the same
+            # tenant at the same time, and the hourly sync has changes to find.
+            GraphSandbox(evolve_every=EMBEDDED_SANDBOX_EVOLVE_SECONDS) as sandbox,
             GraphConnector(**sandbox.connection_settings(), on_page=on_page) as connector,
         ):
             yield connector

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from groupsync_pipeline.cli import main
+from groupsync_pipeline.definitions import defs
 from groupsync_pipeline.defs.assets import REQUEST_TAG
 from groupsync_pipeline.defs.resources import WarehouseResource
 from groupsync_pipeline.defs.sensors import import_request_sensor, run_key
-from groupsync_pipeline.definitions import defs
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.smtp_sink import SmtpSink
 from groupsync_pipeline.storage.control import ControlStore
