@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.notifications import (
@@ -75,15 +75,22 @@ def send_completion_emails(
     log: Log = lambda message: None,
     limit: int = 10,
     time_budget: float = 30.0,
+    max_smtp_timeout: float | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> EmailRound:
-    """Queue emails for finished requests and send those due, within a time budget."""
+    """Queue emails for finished requests and send those due, within a time budget.
+
+    ``max_smtp_timeout`` caps the configured SMTP timeout: a sensor tick has a hard time
+    limit, and a server that hangs must not make the tick overrun it.
+    """
     outcome = EmailRound(queued=control.queue_completion_emails())
     started = time.monotonic()
     settings: SmtpSettings | None = None
     settings_error: str | None = None
     try:
         settings = SmtpSettings.from_env(environ)
+        if settings is not None and max_smtp_timeout is not None:
+            settings = replace(settings, timeout=min(settings.timeout, max_smtp_timeout))
     except ConfigError as exc:
         settings_error = f"SMTP settings: {exc}"
     # One claim at a time: what is not reached in this round stays due, untouched.

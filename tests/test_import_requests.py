@@ -17,7 +17,7 @@ from groupsync_pipeline.defs.resources import WarehouseResource
 from groupsync_pipeline.defs.sensors import import_request_sensor, run_key
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.smtp_sink import SmtpSink
-from groupsync_pipeline.storage.control import ControlStore
+from groupsync_pipeline.storage.control import ControlStore, NewRequest
 from tests.pipeline_helpers import query, run_job
 
 
@@ -310,3 +310,24 @@ def test_request_whose_run_died_is_marked_failed(
     tick(instance, data_dir, "1")
     (row,) = requests_table(data_dir)
     assert row[1] == "failed" and row[3]
+
+
+def test_launchpad_request_whose_run_died_is_marked_failed(
+    data_dir: Path, instance: dg.DagsterInstance
+) -> None:
+    job = defs.resolve_job_def("import_user_group")
+    run = instance.create_run_for_job(
+        job,
+        run_config={
+            "ops": {"imported_group_members": {"config": {"connection": "contoso", "group": "HR"}}}
+        },
+    )
+    # The run recorded itself, then its worker was killed mid-import.
+    (request_id,) = ControlStore(data_dir).add_requests(
+        [NewRequest("contoso", "HR", None, None, None, source="launchpad", run_id=run.run_id)]
+    )
+    assert tick(instance, data_dir).run_requests == []  # running, never pending: not relaunched
+    assert requests_table(data_dir) == [(request_id, "running", None, None)]
+    instance.report_run_failed(run)
+    tick(instance, data_dir)
+    assert requests_table(data_dir)[0][1] == "failed"

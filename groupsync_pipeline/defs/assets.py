@@ -113,6 +113,7 @@ def _import_one_group(
     tagged = context.run.tags.get(REQUEST_TAG)
     if tagged is not None:
         request_id = int(tagged)
+        control.mark_running(request_id, context.run.run_id)
     else:
         # Launched from the launchpad (or a script): recorded too, so one history shows all.
         (request_id,) = control.add_requests(
@@ -124,11 +125,11 @@ def _import_one_group(
                     group_name=None,
                     notify_email=config.notify_email,
                     source="launchpad",
+                    run_id=context.run.run_id,
                 )
             ]
         )
     context.log.info(f"import request {request_id}")
-    control.mark_running(request_id, context.run.run_id)
     try:
         if not config.connection:
             raise dg.Failure(description="connection is required with a group")

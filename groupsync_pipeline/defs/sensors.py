@@ -13,7 +13,8 @@ from groupsync_pipeline.storage.control import ControlStore, ImportRequest
 LAUNCH_BATCH = 25  # requests launched per tick: a tick stays far inside the 60 s limit
 RECONCILE_BATCH = 50
 EMAIL_BATCH = 10
-EMAIL_TIME_BUDGET = 30.0  # seconds of SMTP per tick at most
+EMAIL_TIME_BUDGET = 20.0  # seconds of SMTP per tick before no new email is started
+EMAIL_SMTP_TIMEOUT = 5.0  # per SMTP step: a hung server cannot hold the tick for long
 
 
 def run_key(request_id: int) -> str:
@@ -53,13 +54,16 @@ def reconcile(instance: dg.DagsterInstance, control: ControlStore, up_to: int) -
     """Mark failed the launched requests whose run ended without recording an outcome
     (killed worker, canceled run, bad run config): nothing else would ever finish them."""
     marked = 0
-    for request in control.active_up_to(up_to, RECONCILE_BATCH):
-        runs = instance.get_runs(
-            filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.request_id)}), limit=1
-        )
-        if not runs or not runs[0].is_finished:
+    for request in control.launched_unfinished(up_to, RECONCILE_BATCH):
+        if request.run_id is not None:
+            run = instance.get_run_by_id(request.run_id)
+        else:
+            runs = instance.get_runs(
+                filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.request_id)}), limit=1
+            )
+            run = runs[0] if runs else None
+        if run is None or not run.is_finished:
             continue
-        run = runs[0]
         error = _run_failure(instance, run)
         if run.status == dg.DagsterRunStatus.SUCCESS:
             error = "the run succeeded but did not record the import (see the run log)"
@@ -85,7 +89,11 @@ def import_request_sensor(
     new_cursor = max([cursor, *(r.request_id for r in requests)])
     failed = reconcile(context.instance, control, cursor)
     emails = send_completion_emails(
-        control, log=context.log.info, limit=EMAIL_BATCH, time_budget=EMAIL_TIME_BUDGET
+        control,
+        log=context.log.info,
+        limit=EMAIL_BATCH,
+        time_budget=EMAIL_TIME_BUDGET,
+        max_smtp_timeout=EMAIL_SMTP_TIMEOUT,
     )
     if requests or failed or emails.sent or emails.retrying:
         context.log.info(

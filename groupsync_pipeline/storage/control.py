@@ -130,6 +130,9 @@ class NewRequest:
     notify_email: str | None
     source: str = "cli"
     retry_of: int | None = None
+    # Set for a run already under way (a launchpad launch): recorded as running, never pending,
+    # so the sensor cannot launch it a second time.
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,8 +217,8 @@ class ControlStore:
                     )
                 cursor = conn.execute(
                     "INSERT INTO import_requests (connection, group_reference, remote_group_id,"
-                    " group_name, notify_email, source, retry_of, status, requested_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    " group_name, notify_email, source, retry_of, status, requested_at,"
+                    " started_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         request.connection,
                         request.group_reference,
@@ -224,7 +227,10 @@ class ControlStore:
                         request.notify_email,
                         request.source,
                         request.retry_of,
+                        "pending" if request.run_id is None else "running",
                         now,
+                        None if request.run_id is None else now,
+                        request.run_id,
                     ],
                 )
                 ids.append(int(cursor.lastrowid or 0))
@@ -262,13 +268,17 @@ class ControlStore:
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
 
-    def active_up_to(self, request_id: int, limit: int) -> list[ImportRequest]:
-        """Launched requests not yet finished, oldest first: to reconcile with their runs."""
+    def launched_unfinished(self, up_to: int, limit: int) -> list[ImportRequest]:
+        """Requests with a run but no outcome yet, oldest first: to reconcile with their runs.
+
+        Launched means: handed to Dagster by the sensor (id up to its cursor), or recorded by
+        a run that was already going (it has a run id).
+        """
         with self._connect() as conn:
             rows = conn.execute(
                 "SELECT * FROM import_requests WHERE status IN ('pending', 'running') "
-                "AND request_id <= ? ORDER BY request_id LIMIT ?",
-                [request_id, limit],
+                "AND (request_id <= ? OR run_id IS NOT NULL) ORDER BY request_id LIMIT ?",
+                [up_to, limit],
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
 
