@@ -127,7 +127,7 @@ def sync_connection(
     started = time.monotonic()
     policy = policy or ShrinkPolicy()
     with warehouse.read() as conn:
-        groups = imported_groups(conn, connection.name)
+        live, deleted = imported_groups(conn, connection.name)
         state = conn.execute(
             "SELECT delta_link, last_full_sync_at FROM connection_sync_state WHERE connection = ?",
             [connection.name],
@@ -137,7 +137,7 @@ def sync_connection(
             "WHERE h.status = 'held' AND g.connection = ?",
             [connection.name],
         ).fetchall()[0][0]
-    if not groups:
+    if not live:
         log(f"{connection.name}: no imported groups; nothing to sync")
         return ConnectionSyncOutcome(connection.name, "skipped")
     stored_link, last_full = state[0] if state else (None, None)
@@ -179,7 +179,8 @@ def sync_connection(
                     warehouse.warehouse_path,
                     connection.name,
                     full,
-                    [remote for _, remote in groups],
+                    live,
+                    deleted,
                 )
             if unknown:
                 log(f"{connection.name}: reading details of {len(unknown)} new members")

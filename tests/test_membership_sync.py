@@ -167,6 +167,16 @@ def test_deleted_and_renamed_groups(setup, tenant) -> None:
     assert query(data_dir, "SELECT count(*) FROM group_catalog WHERE name = 'Executive Team'") == [
         (1,)
     ]
+    # Graph restores a soft-deleted group within 30 days: the group comes back, synced again.
+    with tenant.org.lock:
+        tenant.org.groups[orion.id] = tenant.org.deleted_groups.pop(orion.id)
+        tenant.org.invalidate_cache()
+    restored = sync(setup, full_resync=True)
+    assert restored.success, failure_message(restored)
+    assert query(data_dir, "SELECT deleted_at FROM user_groups WHERE group_id = ?", [gid]) == [
+        (None,)
+    ]
+    assert current(data_dir, "Project Orion") == expected(tenant, "Project Orion")
 
 
 @pytest.mark.parametrize("mode", ["gone", "syncStateNotFound", "resyncRequired"])

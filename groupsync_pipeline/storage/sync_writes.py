@@ -11,7 +11,7 @@ sync time, held shrinks are left alone, deleted groups are marked deleted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -134,9 +134,12 @@ def resolve_round(
     connection: str,
     full: bool,
     imported_remote_ids: list[str],
+    deleted_remote_ids: Sequence[str] = (),
 ) -> list[str]:
     """Work out direct members after the round and imported groups' people, in staging.
 
+    ``deleted_remote_ids`` are imported groups already marked deleted: one the round shows
+    again (Graph restores soft-deleted groups for 30 days) is synced again.
     Must run under the warehouse's shared lock. Returns the ids of people in imported groups
     whose account details the warehouse does not have yet (to fetch from the app).
     """
@@ -144,10 +147,18 @@ def resolve_round(
     conn = staging.conn
     conn.execute(f"ATTACH '{_quoted(warehouse_path)}' AS wh (READ_ONLY)")
     try:
-        conn.register(
-            "imported_frame", pd.DataFrame({"remote_id": imported_remote_ids}, dtype="object")
+        frame = pd.DataFrame(
+            {
+                "remote_id": [*imported_remote_ids, *deleted_remote_ids],
+                "was_deleted": [False] * len(imported_remote_ids)
+                + [True] * len(deleted_remote_ids),
+            }
+        ).astype({"remote_id": "object", "was_deleted": "bool"})
+        conn.register("imported_frame", frame)
+        conn.execute(
+            "CREATE OR REPLACE TABLE known_imported AS SELECT remote_id, was_deleted "
+            "FROM imported_frame"
         )
-        conn.execute("CREATE OR REPLACE TABLE imported AS SELECT remote_id FROM imported_frame")
         conn.unregister("imported_frame")
         # The last word on each group object: later pages repeat a group with more members.
         conn.execute(
@@ -166,6 +177,14 @@ def resolve_round(
         conn.execute(
             "CREATE OR REPLACE TABLE removed_groups AS "
             "SELECT remote_id FROM last_objects WHERE removed IS NOT NULL"
+        )
+        # The imported groups to sync: the live ones, and deleted ones the app shows again.
+        conn.execute(
+            """
+            CREATE OR REPLACE TABLE imported AS
+            SELECT remote_id FROM known_imported WHERE NOT was_deleted
+               OR remote_id IN (SELECT remote_id FROM last_objects WHERE removed IS NULL)
+            """
         )
         conn.execute(
             """
@@ -363,7 +382,7 @@ def _apply(
         CREATE OR REPLACE TEMP TABLE sync_groups AS
         SELECT g.group_id, g.remote_group_id AS remote_id, g.name
         FROM user_groups AS g
-        WHERE g.type = 'imported' AND g.connection = $connection AND g.deleted_at IS NULL
+        WHERE g.type = 'imported' AND g.connection = $connection
           AND g.remote_group_id IN (SELECT remote_id FROM stage.imported)
         """,
         {"connection": name},
@@ -482,8 +501,8 @@ def _apply(
     )
     for group in result.synced:
         conn.execute(
-            "UPDATE user_groups SET name = ?, last_synced_at = ?, member_count = ? "
-            "WHERE group_id = ?",
+            "UPDATE user_groups SET name = ?, last_synced_at = ?, member_count = ?, "
+            "deleted_at = NULL WHERE group_id = ?",
             [group.name, now, group.after, group.group_id],
         )
     deleted = conn.execute(
@@ -609,11 +628,13 @@ def _update_catalog(
     )
 
 
-def imported_groups(conn: duckdb.DuckDBPyConnection, connection: str) -> list[tuple[str, str]]:
-    """(group_id, remote_group_id) of the connection's live imported groups."""
+def imported_groups(
+    conn: duckdb.DuckDBPyConnection, connection: str
+) -> tuple[list[str], list[str]]:
+    """Remote ids of the connection's imported groups: (live, marked deleted)."""
     rows = conn.execute(
-        "SELECT group_id, remote_group_id FROM user_groups WHERE type = 'imported' "
-        "AND connection = ? AND deleted_at IS NULL ORDER BY group_id",
+        "SELECT remote_group_id, deleted_at IS NOT NULL FROM user_groups "
+        "WHERE type = 'imported' AND connection = ? ORDER BY group_id",
         [connection],
     ).fetchall()
-    return [(row[0], row[1]) for row in rows]
+    return [r[0] for r in rows if not r[1]], [r[0] for r in rows if r[1]]
