@@ -192,3 +192,169 @@ def confirm_shrink_command(group: str, connection: str | None, data_dir: Path | 
         f"(held since {detected:%Y-%m-%d %H:%M} UTC). The next hourly sync applies it; "
         "launch the sync_group_memberships job to apply it now."
     )
+
+
+_FORMAT_OPTION = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people; csv or json for tools (UTC ISO 8601 times; groups as an array, "
+    "in csv as JSON text).",
+)
+_LIMIT_OPTION = click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Newest rows to show; 0 shows all.",
+)
+_TIME_HELP = (
+    "a duration back from now (30m, 24h, 7d, 2w) or a UTC date/time (2026-11-01, 2026-11-01T10:00Z)"
+)
+
+
+def _emit(found: Any, fmt: str, noun: str, table_columns: tuple[str, ...] | None = None) -> None:
+    from groupsync_pipeline.investigation import footer, render
+
+    output = render(found, fmt, table_columns)
+    if output:
+        # color=True: click would otherwise strip escape sequences from csv values when
+        # piped, altering the data (tables already neutralize control characters).
+        click.echo(output, color=True)
+    if fmt == "table":
+        click.echo(footer(found, noun), err=True)  # stderr: piped csv/json stay clean
+
+
+@main.command("activities")
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="Group name (case-insensitive) or group id; repeat to match ANY of several groups.",
+)
+@click.option("--since", default=None, help=f"Only activities at or after this: {_TIME_HELP}.")
+@click.option(
+    "--until",
+    default=None,
+    help="Only activities before this (same forms; a bare date includes that whole day).",
+)
+@click.option(
+    "--action",
+    "actions",
+    multiple=True,
+    help="Action (case-insensitive exact), e.g. FileDownloaded; repeat.",
+)
+@click.option("--country", "countries", multiple=True, help="ISO country code, e.g. US; repeat.")
+@click.option(
+    "--country-not",
+    "countries_not",
+    multiple=True,
+    help="Leave out this country; repeat. Activities with no known country are KEPT "
+    "(an unknown location is worth a look).",
+)
+@click.option("--as", "actor", default=None, help="Actor email (case-insensitive) or account id.")
+@click.option("--connection", default=None, help="Only this connection.")
+@_LIMIT_OPTION
+@_FORMAT_OPTION
+@_DATA_DIR_OPTION
+def activities_command(
+    groups: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    actions: tuple[str, ...],
+    countries: tuple[str, ...],
+    countries_not: tuple[str, ...],
+    actor: str | None,
+    connection: str | None,
+    limit: int,
+    fmt: str,
+    data_dir: Path | None,
+) -> None:
+    """List activities from the apps' audit logs, newest first, with their tagged groups.
+
+    Filters combine with AND; a repeated option matches any of its values.
+    """
+    from datetime import UTC, datetime
+
+    from groupsync_pipeline.investigation import (
+        ActivityFilter,
+        InvestigationError,
+        find_activities,
+        open_snapshot,
+        parse_countries,
+        parse_since,
+        parse_until,
+    )
+
+    now = datetime.now(UTC)
+    try:
+        # Parse everything before opening the file, so typos fail fast even with no data.
+        flt = ActivityFilter(
+            groups=groups,
+            since=parse_since(since, now) if since else None,
+            until=parse_until(until, now) if until else None,
+            actions=actions,
+            countries=parse_countries(countries),
+            countries_not=parse_countries(countries_not, "--country-not"),
+            actor=actor,
+            connection=connection,
+            limit=limit,
+        )
+        with open_snapshot(_warehouse(data_dir).published_path, "activities") as conn:
+            found = find_activities(conn, flt)
+    except InvestigationError as exc:
+        raise click.ClickException(str(exc)) from None
+    columns = (
+        "occurred_at", "connection", "actor_email", "action", "object_name",
+        "ip_address", "country", "city", "success", "groups",
+    )  # fmt: skip
+    _emit(found, fmt, "activities", columns)
+
+
+@main.command("alerts")
+@click.option("--since", default=None, help=f"Only alerts raised at or after this: {_TIME_HELP}.")
+@click.option("--policy", default=None, help="Only this policy's alerts (exact name).")
+@click.option(
+    "--severity",
+    type=click.Choice(["low", "medium", "high", "critical"]),
+    default=None,
+    help="Only alerts of exactly this severity.",
+)
+@_LIMIT_OPTION
+@_FORMAT_OPTION
+@_DATA_DIR_OPTION
+def alerts_command(
+    since: str | None,
+    policy: str | None,
+    severity: str | None,
+    limit: int,
+    fmt: str,
+    data_dir: Path | None,
+) -> None:
+    """List the alerts the policies raised, newest first."""
+    from groupsync_pipeline.investigation import (
+        AlertFilter,
+        InvestigationError,
+        find_alerts,
+        open_snapshot,
+        parse_since,
+    )
+
+    try:
+        flt = AlertFilter(
+            since=parse_since(since) if since else None,
+            policy=policy,
+            severity=severity,
+            limit=limit,
+        )
+        with open_snapshot(_warehouse(data_dir).published_path, "alerts") as conn:
+            found = find_alerts(conn, flt)
+    except InvestigationError as exc:
+        raise click.ClickException(str(exc)) from None
+    columns = (
+        "raised_at", "policy", "severity", "actor", "groups",
+        "activity_count", "first_at", "last_at", "summary",
+    )  # fmt: skip
+    _emit(found, fmt, "alerts", columns)

@@ -27,6 +27,7 @@ PLANNED_APPS = ("google_workspace", "box", "dropbox", "salesforce")
 
 PUBLIC_AUTHORITY_HOST = "https://login.microsoftonline.com"
 PUBLIC_GRAPH_URL = "https://graph.microsoft.com/v1.0"
+PUBLIC_MANAGEMENT_URL = "https://manage.office.com"
 
 BUNDLED_SANDBOX_NAME = "sandbox"
 
@@ -46,6 +47,8 @@ class Connection:
     client_secret_env: str | None = None
     authority_host: str = PUBLIC_AUTHORITY_HOST
     graph_url: str = PUBLIC_GRAPH_URL
+    # Office 365 Management Activity API root (file and mailbox audit events).
+    management_url: str = PUBLIC_MANAGEMENT_URL
     ca_bundle: str | None = None
     # True: the embedded sandbox tenant is started for each use; URLs and secret come from it.
     sandbox: bool = False
@@ -67,7 +70,7 @@ class Connection:
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _REQUIRED = ("name", "app", "tenant_id", "client_id", "client_secret_env")
-_OPTIONAL = ("authority_host", "graph_url", "ca_bundle", "sandbox")
+_OPTIONAL = ("authority_host", "graph_url", "management_url", "ca_bundle", "sandbox")
 _SANDBOX_ALLOWED = ("name", "app", "sandbox")
 
 
@@ -151,7 +154,7 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
     for key in _REQUIRED:
         if key not in entry:
             raise fail(key, "missing")
-    for key in ("authority_host", "graph_url"):
+    for key in ("authority_host", "graph_url", "management_url"):
         if key in entry:
             url = urlsplit(entry[key])
             if url.scheme != "https" or not url.hostname or url.query or url.fragment:
@@ -176,6 +179,7 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
         client_secret_env=secret_env,
         authority_host=entry.get("authority_host", PUBLIC_AUTHORITY_HOST).rstrip("/"),
         graph_url=entry.get("graph_url", PUBLIC_GRAPH_URL).rstrip("/"),
+        management_url=entry.get("management_url", PUBLIC_MANAGEMENT_URL).rstrip("/"),
         ca_bundle=ca_bundle,
         source=source,
     )

@@ -35,6 +35,7 @@ def open_connector(
         client_secret=connection.read_secret(),
         authority_host=connection.authority_host,
         graph_url=connection.graph_url,
+        management_url=connection.management_url,
         ca_bundle=connection.ca_bundle,
         on_page=on_page,
     ) as connector:

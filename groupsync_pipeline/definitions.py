@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from groupsync_pipeline.defs.activity_assets import activities, alerts
 from groupsync_pipeline.defs.assets import group_catalog, imported_group_members
 from groupsync_pipeline.defs.checks import (
     member_count_matches_remote,
@@ -12,18 +13,19 @@ from groupsync_pipeline.defs.checks import (
 )
 from groupsync_pipeline.defs.jobs import (
     import_user_group,
+    ingest_activities,
     refresh_group_catalogs,
     sync_group_memberships,
 )
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
-from groupsync_pipeline.defs.schedules import membership_sync_schedule
+from groupsync_pipeline.defs.schedules import activities_schedule, membership_sync_schedule
 from groupsync_pipeline.defs.sensors import import_request_sensor
 
 defs = dg.Definitions(
-    assets=[group_catalog, imported_group_members],
+    assets=[group_catalog, imported_group_members, activities, alerts],
     asset_checks=[member_count_matches_remote, no_duplicate_members, no_held_shrinks],
-    jobs=[import_user_group, refresh_group_catalogs, sync_group_memberships],
-    schedules=[membership_sync_schedule],
+    jobs=[import_user_group, refresh_group_catalogs, sync_group_memberships, ingest_activities],
+    schedules=[membership_sync_schedule, activities_schedule],
     sensors=[import_request_sensor],
     resources={"connections": ConnectionsResource(), "warehouse": WarehouseResource()},
 )

@@ -2,8 +2,10 @@
 
 A person asks for groups (import requests), the import request sensor launches one real Dagster
 run per request, completion emails arrive at an SMTP sink on loopback, the tenant changes, and
-the hourly sync (the delta query) records who joined and left. Runs execute in this process on
-a Dagster instance kept under the data directory, so they can be browsed afterwards.
+the hourly sync (the delta query) records who joined and left. Then the audit logs are read,
+each activity tagged with its actor's groups, and the example policies raise alerts (emailed to
+the sink). Runs execute in this process on a Dagster instance kept under the data directory, so
+they can be browsed afterwards.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from typing import Any
 import yaml
 
 from groupsync_pipeline.config import CONNECTIONS_ENV, DATA_DIR_ENV
+from groupsync_pipeline.policies import EXAMPLE_POLICIES, POLICIES_ENV
 
 DEMO_GROUPS = ("HR", "Executives", "IT admins", "All Company")
 DEMO_SECRET_ENV = "GROUPSYNC_DEMO_CLIENT_SECRET"
 DEMO_NOTIFY = "security-team@example.com"
 DEMO_EVOLVE_STEPS = 3  # hours of change in the sandbox tenant between the two syncs
+DEMO_BACKFILL_HOURS = "0.5"  # audit history read by the first ingest (tags start at imports)
+DEMO_BLOB_SECONDS = 5  # file-event blobs every 5 s, not 5-15 minutes: the demo cannot wait
+EXECUTIVE_BURST = 35  # downloads in the executive scene (the example policy's threshold is 30)
 EXAMPLE_QUERIES = (
     (
         "Imported groups, their size and freshness",
@@ -46,6 +52,21 @@ EXAMPLE_QUERIES = (
         "LEFT JOIN accounts a ON a.connection = m.connection AND a.account_id = m.account_id "
         "WHERE m.valid_to IS NOT NULL OR m.valid_from > g.imported_at "
         "ORDER BY coalesce(m.valid_to, m.valid_from) DESC LIMIT 8",
+    ),
+    (
+        "Activities of the HR group (view group_activities)",
+        "SELECT occurred_at, actor_email, action, object_name FROM group_activities "
+        "WHERE group_name = 'HR' ORDER BY occurred_at DESC LIMIT 5",
+    ),
+    (
+        "Activity per group and source since the groups were imported",
+        "SELECT group_name, source, count(*) AS activities FROM group_activities "
+        "GROUP BY ALL ORDER BY group_name, source",
+    ),
+    (
+        "Alerts the policies raised",
+        "SELECT policy, severity, actor_email, activity_count, summary FROM alerts "
+        "ORDER BY raised_at, policy",
     ),
     (
         "Import requests",
@@ -71,6 +92,7 @@ def sandbox_connections_yaml(tenant: Any, secret_env: str) -> str:
         "client_secret_env": secret_env,
         "authority_host": tenant.authority_host,
         "graph_url": tenant.graph_url,
+        "management_url": tenant.management_url,
         "ca_bundle": tenant.ca_bundle,
     }
     return yaml.safe_dump({"connections": [entry]}, sort_keys=False)
@@ -123,7 +145,7 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
     warehouse = Warehouse(data_dir)
     started = time.monotonic()
     with ExitStack() as stack:
-        sandbox = stack.enter_context(GraphSandbox())
+        sandbox = stack.enter_context(GraphSandbox(management_slot_seconds=DEMO_BLOB_SECONDS))
         sink = stack.enter_context(SmtpSink())
         echo(f"Sandbox Microsoft 365 tenant listening on {sandbox.base_url}")
         echo(f"SMTP sink (receives the completion emails) on {sink.host}:{sink.port}")
@@ -140,6 +162,8 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                     "GROUPSYNC_SMTP_PORT": str(sink.port),
                     "GROUPSYNC_SMTP_SECURITY": "none",  # loopback only
                     "GROUPSYNC_SMTP_FROM": "groupsync@example.com",
+                    "GROUPSYNC_ACTIVITY_BACKFILL_HOURS": DEMO_BACKFILL_HOURS,
+                    POLICIES_ENV: str(_demo_policies(data_dir)),
                 }
             )
         )
@@ -219,6 +243,8 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                 f"+{outcome['joined']} joined / -{outcome['left']} left"
             )
 
+        _activities_and_alerts(defs, instance, sandbox, sink, echo)
+
     echo(f"\nDone in {time.monotonic() - started:.1f} s.")
     echo(f"DuckDB file to query: {warehouse.published_path}")
     echo(f"  duckdb -readonly {warehouse.published_path}")
@@ -229,3 +255,74 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
             echo(conn.execute(sql).df().to_string(index=False))
     finally:
         conn.close()
+
+
+def _demo_policies(data_dir: Path) -> Path:
+    """The bundled example policies, each emailing the demo's security team."""
+    from importlib import resources
+
+    document = yaml.safe_load(
+        resources.files("groupsync_pipeline").joinpath(EXAMPLE_POLICIES).read_text()
+    )
+    for policy in document["policies"]:
+        policy["notify"] = [DEMO_NOTIFY]
+    path = data_dir / "demo-policies.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def _activities_and_alerts(defs: Any, instance: Any, sandbox: Any, sink: Any, echo: Echo) -> None:
+    """Read the audit logs, play three scenes in the tenant, read again: tags and alerts."""
+    job = defs.resolve_job_def("ingest_activities")
+
+    def ingest(label: str) -> None:
+        result = job.execute_in_process(run_config=_QUIET, instance=instance, raise_on_error=False)
+        _require_success(result, "activity ingest")
+        metadata: dict[str, Any] = {}
+        for event in result.get_asset_materialization_events():
+            materialization = event.event_specific_data.materialization
+            metadata.update({k: v.value for k, v in materialization.metadata.items()})
+        echo(
+            f"{label}: {metadata.get('new activities')} new activities "
+            f"({metadata.get('events read')} read), {metadata.get('group tags')} group tags, "
+            f"{metadata.get('alerts raised')} alerts"
+        )
+
+    echo("")
+    ingest(f"First activity read (the last {DEMO_BACKFILL_HOURS} h of audit logs)")
+    echo(
+        "  Activities before a group's import are never tagged with it; the automatic groups "
+        "External and Office 365 administrators start now."
+    )
+    org, stream = sandbox.org, sandbox.activity
+    hr = org.transitive_user_ids(org.group_by_name("HR").id)[0]
+    executive = org.transitive_user_ids(org.group_by_name("Executives").id)[0]
+    admin = sorted(org.direct_admin_user_ids())[0]
+    upn = {uid: org.users[uid].user_principal_name for uid in (hr, executive, admin)}
+    now = time.time()
+    stream.add_file_event(upn[hr], now, "FileAccessed", "Salary bands 2026.xlsx", "/sites/HR")
+    for i in range(EXECUTIVE_BURST):
+        stream.add_file_event(
+            upn[executive],
+            now + i / 10,
+            "FileDownloaded",
+            f"Board pack {i + 1:02d}.pdf",
+            "/sites/Executives",
+            ip="203.0.113.77",
+        )
+    stream.add_sign_in(admin, now, country="NG", city="Lagos", ip="198.51.100.23")
+    stream.add_directory_audit(admin, now + 1, "Reset user password", ip="198.51.100.23")
+    echo(
+        "The sandbox plays three scenes now: "
+        f"{upn[hr]} (HR) opens 'Salary bands 2026.xlsx'; "
+        f"{upn[executive]} (Executives) downloads {EXECUTIVE_BURST} board documents; "
+        f"{upn[admin]} (an administrator) signs in from Lagos and resets a password."
+    )
+    time.sleep(EXECUTIVE_BURST / 10 + DEMO_BLOB_SECONDS + 1.5)  # until their blobs are out
+    sent_before = len(sink.received)
+    ingest("Next activity read")
+    emails = sink.received[sent_before:]
+    echo(
+        f"Alert emails sent: {len(emails)}"
+        + (f"; the first: {emails[0].message['Subject']}" if emails else "")
+    )

@@ -55,6 +55,7 @@ def write_connections(path: Path, tenant: GraphSandbox, name: str = "contoso") -
         "client_secret_env": SECRET_ENV,
         "authority_host": tenant.authority_host,
         "graph_url": tenant.graph_url,
+        "management_url": tenant.management_url,
         "ca_bundle": tenant.ca_bundle,
     }
     path.write_text(yaml.safe_dump({"connections": [entry]}))

@@ -23,6 +23,7 @@ def run_job(
         "import_user_group": "imported_group_members",
         "sync_group_memberships": "imported_group_members",
         "refresh_group_catalogs": "group_catalog",
+        "ingest_activities": "activities",
     }
     return defs.resolve_job_def(job).execute_in_process(
         run_config={

@@ -28,13 +28,42 @@ def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
     assert "First hourly sync: full sync (first sync)" in result.output
     assert "After 3 hours of tenant changes: delta sync, 1 Graph request:" in result.output
     assert f"DuckDB file to query: {data / 'groupsync.duckdb'}" in result.output
-    assert result.output.count("SELECT ") == 5
+    assert result.output.count("SELECT ") == 8
+    assert "Alert emails sent: 3" in result.output
     conn = duckdb.connect(str(data / "groupsync.duckdb"), read_only=True)
     try:
         names = conn.execute("SELECT name FROM user_groups ORDER BY name").fetchall()
+        # The sandbox's own stream may raise more alerts in the same seconds: count per policy.
+        alerts = conn.execute(
+            "SELECT policy, max(activity_count) >= 1, bool_and(notified_at IS NOT NULL) "
+            "FROM alerts GROUP BY policy ORDER BY policy"
+        ).fetchall()
+        burst = conn.execute(
+            "SELECT count(*) FROM alerts WHERE policy = 'Executive file activity volume' "
+            "AND activity_count >= 35"
+        ).fetchall()
+        hr_reads = conn.execute(
+            "SELECT count(*) FROM group_activities WHERE group_name = 'HR' "
+            "AND object_name = 'Salary bands 2026.xlsx'"
+        ).fetchall()
     finally:
         conn.close()
-    assert names == [("All Company",), ("Executives",), ("HR",), ("IT admins",)]
+    assert names == [
+        ("All Company",),
+        ("Executives",),
+        ("External",),
+        ("HR",),
+        ("IT admins",),
+        ("Office 365 administrators",),
+    ]
+    # The three scenes the demo plays raise the three example policies, each emailed.
+    assert alerts == [
+        ("Administrator outside the US", True, True),
+        ("Executive file activity volume", True, True),
+        ("HR documents opened", True, True),
+    ]
+    assert burst == [(1,)]
+    assert hr_reads[0][0] >= 1
     assert "sandbox-not-a-secret" not in (data / "demo-connections.yaml").read_text()
     # The runs are real runs, kept in the demo's Dagster instance.
     assert (data / "dagster" / "history" / "runs.db").exists()

@@ -6,6 +6,7 @@ import difflib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
 
 
@@ -79,6 +80,37 @@ class DeltaPage:
     invalid_members: int = 0  # member entries without a usable id: counted, not returned
 
 
+class Activity(NamedTuple):
+    """One event from an app's audit log, normalized (a tuple: cheap by the million).
+
+    ``(connection, source, event_id)`` identifies an event: the app may send it again (an
+    overlapping window, a retried page) and it is stored once.
+    """
+
+    source: str  # the log it came from, e.g. "signIns", "directoryAudits", "Audit.SharePoint"
+    event_id: str  # the app's own id for the event
+    occurred_at: datetime  # when it happened, timezone-aware UTC
+    actor_account_id: str | None  # the app's user id of who acted, when the event gives it
+    actor_email: str | None  # who acted: sign-in name or email, as the event gives it
+    action: str  # the app's name for what was done, e.g. "FileAccessed", "Sign-in"
+    object_name: str | None  # the file or resource acted on
+    object_id: str | None  # its id or URL
+    ip_address: str | None  # client address, without a port
+    country: str | None  # ISO 3166-1 alpha-2, upper case, when the app geolocates the event
+    city: str | None
+    user_agent: str | None
+    success: bool | None  # None when the app does not say
+    raw: str  # the event exactly as received, as JSON text
+
+
+@dataclass(frozen=True)
+class ActivitySource:
+    """One audit log a connector reads, and how far back the app keeps it."""
+
+    name: str  # Activity.source
+    retention: timedelta  # events older than this cannot be read from the app any more
+
+
 ProgressCallback = Callable[[int, int], None]  # (pages fetched, people so far)
 
 
@@ -100,6 +132,23 @@ class Connector(Protocol):
     def latest_delta_link(self) -> str: ...
 
     def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account]: ...
+
+    def administrators(self) -> Iterator[Account]:
+        """People who hold an administrator role in the app now (groups expanded)."""
+        ...
+
+    def verified_domains(self) -> list[str]:
+        """The organisation's own domain names (lower case): other domains are external."""
+        ...
+
+    def activity_sources(self) -> list[ActivitySource]: ...
+
+    def activities(self, source: str, start: datetime, end: datetime) -> Iterator[list[Activity]]:
+        """The source's events made available in [start, end), a page at a time, any order.
+
+        Both bounds are UTC. Windows longer than the app allows are split by the connector.
+        """
+        ...
 
     def close(self) -> None: ...
 

@@ -1,7 +1,10 @@
-"""Microsoft Entra ID / Office 365 through Microsoft Graph v1.0 (app-only, client credentials).
+"""Microsoft Entra ID / Office 365 through Microsoft Graph v1.0 (app-only, client credentials),
+and its audit logs through Graph and the Office 365 Management Activity API.
 
-Contract: shared/api-reference/CONTRACTS.md. msal gets the token through this connector's own
-httpx client, so one TLS setting (``ca_bundle``) and one timeout cover identity and Graph calls.
+Contract: shared/api-reference/CONTRACTS.md. msal gets the tokens through this connector's own
+httpx client, so one TLS setting (``ca_bundle``) and one timeout cover identity and API calls.
+Graph and the Management API each get their own token (their own audience); each token is only
+ever sent under its own API's URL.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import re
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -35,6 +41,8 @@ from tenacity import (
 
 from groupsync_pipeline.connectors.base import (
     Account,
+    Activity,
+    ActivitySource,
     AuthenticationError,
     ConnectorError,
     DeltaExpiredError,
@@ -48,6 +56,11 @@ from groupsync_pipeline.connectors.base import (
     RemoteGroup,
     VendorError,
     close_matches,
+)
+from groupsync_pipeline.connectors.office365_activity import (
+    directory_audit_activity,
+    management_activity,
+    signin_activity,
 )
 
 PAGE_SIZE = 999  # Graph's documented maximum $top for groups, members and users
@@ -71,15 +84,72 @@ _GRAPH_AUDIENCES = (
     "dod-graph.microsoft.us",
     "microsoftgraph.chinacloudapi.cn",
 )
-# Which application permission each path needs, to name it in a 403 message.
+# Which application permission each path needs, to name it in a 403 message (first match).
 _PERMISSIONS = (
     ("/groups", "GroupMember.Read.All"),
     ("/users", "User.Read.All"),
     ("/domains", "Domain.Read.All"),
     ("/directoryRoles", "RoleManagement.Read.Directory"),
     ("/roleManagement", "RoleManagement.Read.Directory"),
+    ("/auditLogs/directoryAudits", "AuditLog.Read.All (and Directory.Read.All)"),
     ("/auditLogs", "AuditLog.Read.All"),
 )
+# The Management API has one application permission for the activity feed.
+_MANAGEMENT_PERMISSION = "ActivityFeed.Read (Office 365 Management APIs)"
+# Token audiences of the Management API's clouds (Enterprise, GCC, GCC High, DoD); any other
+# management_url (a proxy, the sandbox) asks for the Enterprise audience.
+_MANAGEMENT_AUDIENCES = (
+    "manage.office.com",
+    "manage-gcc.office.com",
+    "manage.office365.us",
+    "manage.protection.apps.mil",
+)
+
+# --- audit logs ---
+ACTIVITY_PAGE_SIZE = 1000  # documented maximum $top of /auditLogs/signIns
+GRAPH_ACTIVITY_SOURCES = {  # source -> (path, the time property $filter works on)
+    "signIns": ("/auditLogs/signIns", "createdDateTime"),
+    "directoryAudits": ("/auditLogs/directoryAudits", "activityDateTime"),
+}
+# Content types of the Management Activity API (documented list).
+MANAGEMENT_CONTENT_TYPES = frozenset(
+    {"Audit.AzureActiveDirectory", "Audit.Exchange", "Audit.SharePoint", "Audit.General", "DLP.All"}
+)
+GRAPH_LOG_RETENTION = timedelta(days=30)  # Entra ID P1/P2 keeps sign-ins and audits 30 days
+MANAGEMENT_RETENTION = timedelta(days=7)  # content listing refuses startTime older than 7 days
+MANAGEMENT_WINDOW = timedelta(hours=24)  # startTime/endTime at most 24 hours apart
+_SUBSCRIPTION_ALREADY_ENABLED = "AF20024"
+_MANAGEMENT_PERMISSION_MISSING = "AF10001"  # 401: the token lacks ActivityFeed.Read
+_NO_SUBSCRIPTION = "AF20022"  # listing a content type without (or after losing) a subscription
+# Roles that are administrator roles whatever their display name says (a tenant can see
+# renamed or localized names; the legacy name of Global Administrator was
+# "Company Administrator"): Global Administrator, Privileged Role Administrator, Privileged
+# Authentication Administrator. Template ids from the Entra ID built-in roles reference.
+ADMIN_ROLE_TEMPLATES = frozenset(
+    {
+        "62e90394-69f5-4237-9190-012177145e10",
+        "e8611ab8-c189-46e8-94e1-60213ab1f814",
+        "7be44c8a-adaf-4e2a-84d6-ab2649e08a13",
+    }
+)
+
+
+class ServiceError(VendorError):
+    """An error answer carrying the service's own error code (Graph's or the Management
+    API's ``{"error": {"code": ...}}``), for callers that act on particular codes."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message, status)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class _Api:
+    """One of the two APIs: where its URLs live and which token they get."""
+
+    label: str  # for messages: "Graph", "Management API"
+    prefix: str  # every URL of this API starts with it; its token goes nowhere else
+    scope: str
 
 
 class _Retryable(Exception):
@@ -129,6 +199,39 @@ def graph_scope(graph_url: str) -> str:
     if host in _GRAPH_AUDIENCES:
         return f"https://{host}/.default"
     return "https://graph.microsoft.com/.default"
+
+
+def management_scope(management_url: str) -> str:
+    host = urlsplit(management_url).hostname or ""
+    if host in _MANAGEMENT_AUDIENCES:
+        return f"https://{host}/.default"
+    return "https://manage.office.com/.default"
+
+
+def is_admin_role(role: dict[str, Any]) -> bool:
+    """Whether an activated directory role is an administrator role: its display name ends
+    with "Administrator" (every built-in admin role's does, readers' and others' do not), or
+    its template is one of ADMIN_ROLE_TEMPLATES."""
+    name = role.get("displayName")
+    if isinstance(name, str) and name.strip().casefold().endswith("administrator"):
+        return True
+    template = role.get("roleTemplateId")
+    return isinstance(template, str) and template.strip().lower() in ADMIN_ROLE_TEMPLATES
+
+
+def graph_time(moment: datetime) -> str:
+    """A UTC time as Graph's $filter takes it: 2026-11-27T04:00:00Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def management_time(moment: datetime) -> str:
+    """A UTC time as the Management API documents startTime/endTime: YYYY-MM-DDTHH:MM:SS."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _utc(moment: datetime) -> datetime:
+    # The interface says both bounds are UTC; a naive one is taken as such.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def group_kind(group: dict[str, Any]) -> str:
@@ -233,6 +336,7 @@ class GraphConnector:
         client_secret: str,
         authority_host: str = "https://login.microsoftonline.com",
         graph_url: str = "https://graph.microsoft.com/v1.0",
+        management_url: str = "https://manage.office.com",
         ca_bundle: str | None = None,
         timeout: float = 60.0,
         max_attempts: int = 8,
@@ -242,10 +346,24 @@ class GraphConnector:
     ) -> None:
         self.graph_url = graph_url.rstrip("/")
         self._origin = "{0.scheme}://{0.netloc}".format(urlsplit(self.graph_url))
+        # The Office 365 Management Activity API root (without /api/v1.0).
+        self.management_url = management_url.rstrip("/")
+        self._tenant_id = tenant_id
         self._authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self._client_id = client_id
         self._client_secret = client_secret
         self._scope = graph_scope(self.graph_url)
+        self._graph_api = _Api("Graph", self._origin + "/", self._scope)
+        self._management_api = _Api(
+            "Management API", self.management_url + "/", management_scope(self.management_url)
+        )
+        if self._management_api.prefix == self._graph_api.prefix:
+            raise ValueError("management_url must not be the Graph host's root: tokens would mix")
+        # Content types whose Management API subscription this connector has started.
+        self._subscribed: set[str] = set()
+        # Audit events dropped for want of an id or a readable time, since this connector
+        # was made (all sources): they cannot be stored or deduplicated.
+        self.skipped_activities = 0
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
         )
@@ -264,7 +382,10 @@ class GraphConnector:
         self._token_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the secret
-        return f"GraphConnector(authority={self._authority!r}, graph_url={self.graph_url!r})"
+        return (
+            f"GraphConnector(authority={self._authority!r}, graph_url={self.graph_url!r}, "
+            f"management_url={self.management_url!r})"
+        )
 
     def __enter__(self) -> GraphConnector:
         return self
@@ -277,11 +398,12 @@ class GraphConnector:
 
     # --- authentication -------------------------------------------------------------------
 
-    def _token(self, force_refresh: bool = False) -> str:
+    def _token(self, force_refresh: bool = False, scope: str | None = None) -> str:
+        """An app-only token for ``scope`` (Graph's by default); msal caches one per scope."""
         with self._token_lock:
-            return self._token_locked(force_refresh)
+            return self._token_locked(force_refresh, scope or self._scope)
 
-    def _token_locked(self, force_refresh: bool) -> str:
+    def _token_locked(self, force_refresh: bool, scope: str) -> str:
         if self._msal is None:
             try:
                 # The constructor fetches the openid-configuration, so it can fail on network.
@@ -298,9 +420,9 @@ class GraphConnector:
                     f"{type(exc).__name__}: {exc}"
                 ) from None
         if force_refresh:
-            self._msal.remove_tokens_for_client()
+            self._forget_token(scope)
         try:
-            result = self._msal.acquire_token_for_client(scopes=[self._scope])
+            result = self._msal.acquire_token_for_client(scopes=[scope])
         except (httpx.HTTPError, ValueError) as exc:
             raise AuthenticationError(
                 f"token request to {self._authority} failed: {type(exc).__name__}: {exc}"
@@ -312,6 +434,23 @@ class GraphConnector:
                 f"{description[0] if description else 'no description'}"
             )
         return result["access_token"]
+
+    def _forget_token(self, scope: str) -> None:
+        """Drop the cached token of this scope only: the other API's token is still good."""
+        assert self._msal is not None
+        cache = self._msal.token_cache
+        found = [
+            entry
+            for entry in cache.search(
+                msal.TokenCache.CredentialType.ACCESS_TOKEN,
+                query={"client_id": self._client_id, "home_account_id": None},
+            )
+            if scope.casefold() in str(entry.get("target", "")).casefold().split()
+        ]
+        for entry in found:
+            cache.remove_at(entry)
+        if not found:  # stored under another target spelling: drop all rather than reuse it
+            self._msal.remove_tokens_for_client()
 
     # --- HTTP with retries ------------------------------------------------------------------
 
@@ -333,11 +472,40 @@ class GraphConnector:
         json_body: Any = None,
         cancel: threading.Event | None = None,
     ) -> Any:
-        """Send one Graph request, retrying transient failures; return the parsed body.
+        """Send one Graph request, retrying transient failures; return the parsed body."""
+        return self._request(
+            method,
+            url,
+            api=self._graph_api,
+            params=params,
+            headers=headers,
+            json_body=json_body,
+            cancel=cancel,
+        )[0]
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        api: _Api,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        json_body: Any = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[Any, httpx.Headers]:
+        """Send one request to ``api`` (with its token), retrying transient failures; return
+        the parsed body and the response headers.
 
         Retries stop after ``max_attempts``, before a wait would pass ``max_retry_wait`` in
-        all, or as soon as ``cancel`` is set (its waits are interruptible).
+        all, or as soon as ``cancel`` is set (its waits are interruptible). A URL outside the
+        API's own prefix is refused before anything is sent: the token would go along.
         """
+        if not self._belongs(url, api):
+            raise ConnectorError(
+                f"refusing to send the {api.label} token to {url:.100}: it is not under "
+                f"{api.prefix}"
+            )
         cancel = cancel or threading.Event()
         retrying = Retrying(
             retry=retry_if_exception_type(_Retryable),
@@ -353,25 +521,27 @@ class GraphConnector:
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._send_once(method, url, params, headers, json_body)
+                    return self._send_once(api, method, url, params, headers, json_body)
         except _Retryable as exc:
             raise VendorError(
-                f"Graph {method} {self._path(url)} still failing after "
+                f"{api.label} {method} {self._path(url)} still failing after "
                 f"{retrying.statistics.get('attempt_number', '?')} attempts: {exc}"
             ) from None
         raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     def _send_once(
         self,
+        api: _Api,
         method: str,
         url: str,
         params: dict[str, str] | None,
         headers: dict[str, str] | None,
         json_body: Any,
-    ) -> Any:
+    ) -> tuple[Any, httpx.Headers]:
         response = None
         for refreshed in (False, True):  # a 401 refreshes the token once
-            request_headers = {"Authorization": f"Bearer {self._token(force_refresh=refreshed)}"}
+            token = self._token(force_refresh=refreshed, scope=api.scope)
+            request_headers = {"Authorization": f"Bearer {token}"}
             request_headers.update(headers or {})
             try:
                 response = self._http.request(
@@ -384,7 +554,7 @@ class GraphConnector:
                 break
         assert response is not None
         status = response.status_code
-        where = f"Graph {method} {self._path(url)}"
+        where = f"{api.label} {method} {self._path(url)}"
         if status in RETRY_STATUSES:
             raise _Retryable(
                 self._describe(response), parse_retry_after(response.headers.get("Retry-After"))
@@ -397,24 +567,39 @@ class GraphConnector:
                 + (f"; restart at {location:.100}" if location else "")
                 + "): discard it and run a full resync"
             )
+        if status == 401 and self._error_code(response) == _MANAGEMENT_PERMISSION_MISSING:
+            # The Management API answers a missing permission with 401 (after the refresh,
+            # which would have picked up a permission granted since the last token).
+            raise PermissionDeniedError(
+                f"{where} denied: the app registration needs the application permission "
+                f"{_MANAGEMENT_PERMISSION} (with admin consent). {self._describe(response)}"
+            )
         if status == 401:
             raise AuthenticationError(
                 f"{where}: the token was refused twice: {self._describe(response)}"
             )
         if status == 403:
+            described = self._describe(response)
+            if "NonPremiumTenant" in described:  # signIns without an Entra ID P1/P2 licence
+                raise PermissionDeniedError(
+                    f"{where} denied: sign-in logs need a Microsoft Entra ID P1 or P2 licence "
+                    f"in the tenant. {described}"
+                )
             raise PermissionDeniedError(
                 f"{where} denied: the app registration needs the application permission "
-                f"{self._permission_for(url)} (with admin consent). {self._describe(response)}"
+                f"{self._permission_for(url, api)} (with admin consent). {described}"
             )
         if 300 <= status < 400:  # never followed: the bearer token would go along
             location = response.headers.get("Location", "no Location")
             raise VendorError(f"{where}: unexpected redirect HTTP {status} to {location}", status)
         if status >= 400:
-            raise VendorError(f"{where}: {self._describe(response)}", status)
+            raise ServiceError(
+                f"{where}: {self._describe(response)}", status, self._error_code(response)
+            )
         if response.headers.get("content-type", "").startswith("text/plain"):
-            return body.decode("utf-8", "replace")
+            return body.decode("utf-8", "replace"), response.headers
         try:
-            return json.loads(body)
+            return json.loads(body), response.headers
         except ValueError:
             problem = (
                 f"HTTP {status} with a body that is not JSON "
@@ -429,8 +614,17 @@ class GraphConnector:
         return urlsplit(url).path
 
     def _on_graph_host(self, url: str) -> bool:
-        # The bearer token goes with every request: only ever to the configured Graph host.
-        return url.startswith(self._origin + "/")
+        # The bearer token goes with every request: only ever to the configured Graph host
+        # (and never under the Management API's root, should both share a host).
+        return self._belongs(url, self._graph_api)
+
+    def _belongs(self, url: str, api: _Api) -> bool:
+        """Whether ``url`` is one of ``api``'s: only then may it carry that API's token."""
+        if not url.startswith(api.prefix):
+            return False
+        other = self._management_api if api is self._graph_api else self._graph_api
+        # The longer prefix wins when one API lives under the other's host (the sandbox).
+        return not (len(other.prefix) > len(api.prefix) and url.startswith(other.prefix))
 
     def _sync_reset(self, url: str, response: httpx.Response) -> bool:
         """Whether a delta query's answer says its state expired or is invalid (full resync)."""
@@ -446,12 +640,23 @@ class GraphConnector:
         code = error.get("code") if isinstance(error, dict) else None
         return isinstance(code, str) and code.lower() in _SYNC_RESET_CODES
 
-    def _permission_for(self, url: str) -> str:
+    def _permission_for(self, url: str, api: _Api | None = None) -> str:
+        if api is self._management_api:
+            return _MANAGEMENT_PERMISSION
         path = self._path(url).removeprefix(urlsplit(self.graph_url).path)
         for prefix, permission in _PERMISSIONS:
             if path.startswith(prefix):
                 return permission
         return "Directory.Read.All"
+
+    @staticmethod
+    def _error_code(response: httpx.Response) -> str | None:
+        try:
+            error = response.json().get("error")
+        except (ValueError, AttributeError):
+            return None
+        code = error.get("code") if isinstance(error, dict) else None
+        return str(code) if isinstance(code, str | int) and not isinstance(code, bool) else None
 
     @staticmethod
     def _describe(response: httpx.Response) -> str:
@@ -837,3 +1042,254 @@ class GraphConnector:
             else:
                 problem = _inner_error(status, body)
             raise VendorError(f"Graph GET /users/{user_id:.60} inside $batch: {problem}", status)
+
+    # --- administrators and domains ---------------------------------------------------------
+
+    def administrators(self) -> Iterator[Account]:
+        """People holding an administrator role now (see ``is_admin_role``), each once.
+
+        Only activated roles are listed (Graph's /directoryRoles): a role nobody was ever
+        assigned has no members anyway. Groups holding a role (role-assignable groups) are
+        expanded to their people, nested groups flattened; service principals, devices and
+        other non-person members are skipped. Members come without $select (the endpoint
+        takes no OData parameters), so ``user_type``/``enabled`` may be None; guests are
+        still external by their #EXT# user principal name. Needs RoleManagement.Read.Directory
+        (and GroupMember.Read.All for groups).
+        """
+        seen: set[str] = set()
+        roles = [
+            role
+            for page in self._pages("/directoryRoles", None)
+            for role in page["value"]
+            if isinstance(role, dict) and isinstance(role.get("id"), str) and role["id"]
+        ]
+        for role in roles:
+            if not is_admin_role(role):
+                continue
+            members = f"/directoryRoles/{quote(role['id'], safe='')}/members"
+            for page in self._pages(members, None):
+                for obj in page["value"]:
+                    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+                        continue
+                    kind = _member_type(obj)
+                    if kind == "user":
+                        accounts: Iterable[Account] = [account_from_user(obj)]
+                    elif kind == "group":
+                        accounts = (
+                            account
+                            for member_page in self.group_members(obj["id"])
+                            for account in member_page.accounts
+                        )
+                    else:  # servicePrincipal, device, ...: not a person
+                        continue
+                    for account in accounts:
+                        if account.account_id not in seen:
+                            seen.add(account.account_id)
+                            yield account
+
+    def verified_domains(self) -> list[str]:
+        """The tenant's verified domain names, lower case (Domain.Read.All)."""
+        found: dict[str, None] = {}  # ordered set
+        for page in self._pages("/domains", None):
+            for domain in page["value"]:
+                if (
+                    isinstance(domain, dict)
+                    and domain.get("isVerified") is True
+                    and isinstance(domain.get("id"), str)
+                    and domain["id"].strip()
+                ):
+                    found[domain["id"].strip().lower()] = None
+        return list(found)
+
+    # --- audit logs -------------------------------------------------------------------------
+
+    def activity_sources(self) -> list[ActivitySource]:
+        return [
+            ActivitySource("signIns", GRAPH_LOG_RETENTION),
+            ActivitySource("directoryAudits", GRAPH_LOG_RETENTION),
+            ActivitySource("Audit.SharePoint", MANAGEMENT_RETENTION),
+            ActivitySource("Audit.General", MANAGEMENT_RETENTION),
+        ]
+
+    def activities(self, source: str, start: datetime, end: datetime) -> Iterator[list[Activity]]:
+        """The source's events made available in [start, end), a page at a time.
+
+        Graph logs (signIns, directoryAudits): events whose own time is in [start, end).
+        Management API content types (Audit.*, DLP.All): every record of the content blobs
+        the API lists for [start, end) (by the blob's contentCreated, not the record's
+        CreationTime, which can be hours earlier); windows over 24 hours are split. Events
+        without an id or a readable time are dropped and counted in ``skipped_activities``.
+        """
+        start, end = _utc(start), _utc(end)
+        if start >= end:
+            return
+        if source in GRAPH_ACTIVITY_SOURCES:
+            yield from self._graph_activities(source, start, end)
+        elif source in MANAGEMENT_CONTENT_TYPES:
+            yield from self._management_activities(source, start, end)
+        else:
+            known = sorted(GRAPH_ACTIVITY_SOURCES) + sorted(MANAGEMENT_CONTENT_TYPES)
+            raise ConnectorError(f"unknown activity source {source!r}; known: {', '.join(known)}")
+
+    def _graph_activities(
+        self, source: str, start: datetime, end: datetime
+    ) -> Iterator[list[Activity]]:
+        path, time_property = GRAPH_ACTIVITY_SOURCES[source]
+        normalize = signin_activity if source == "signIns" else directory_audit_activity
+        # Whole seconds in the filter: round the end up, the exact bounds are applied below.
+        upper = end if not end.microsecond else end.replace(microsecond=0) + timedelta(seconds=1)
+        params = {
+            "$filter": (
+                f"{time_property} ge {graph_time(start.replace(microsecond=0))} "
+                f"and {time_property} le {graph_time(upper)}"
+            ),
+            "$top": str(ACTIVITY_PAGE_SIZE),
+        }
+        for page in self._pages(path, params):
+            activities: list[Activity] = []
+            for event in page["value"]:
+                activity = normalize(event, source)
+                if activity is None:
+                    self.skipped_activities += 1
+                elif start <= activity.occurred_at < end:  # the window's end is exclusive
+                    activities.append(activity)
+            if activities:
+                yield activities
+
+    def _management_base(self) -> str:
+        return f"{self.management_url}/api/v1.0/{quote(self._tenant_id, safe='')}/activity/feed"
+
+    def _management(
+        self, method: str, url: str, params: dict[str, str] | None = None
+    ) -> tuple[Any, httpx.Headers]:
+        return self._request(method, url, api=self._management_api, params=params)
+
+    def _start_subscription(self, content_type: str) -> None:
+        """Start the content type's subscription, once per connector ("already enabled" is
+        the usual answer after the first run, and fine)."""
+        if content_type in self._subscribed:
+            return
+        try:
+            self._management(
+                "POST",
+                f"{self._management_base()}/subscriptions/start",
+                {"contentType": content_type},
+            )
+        except ServiceError as exc:
+            if exc.code != _SUBSCRIPTION_ALREADY_ENABLED:
+                raise VendorError(
+                    f"cannot start the Office 365 Management API subscription for "
+                    f"{content_type} (is unified audit logging on for the tenant?): {exc}",
+                    exc.status,
+                ) from None
+        self._subscribed.add(content_type)
+
+    def _management_activities(
+        self, content_type: str, start: datetime, end: datetime
+    ) -> Iterator[list[Activity]]:
+        self._start_subscription(content_type)
+        listed: set[str] = set()  # a blob listed in two sub-windows is read once
+        window_start = start
+        while window_start < end:
+            window_end = min(end, window_start + MANAGEMENT_WINDOW)
+            uris: list[str] = []
+            for blob in self._content_blobs(content_type, window_start, window_end):
+                content_id = blob.get("contentId")
+                key = content_id if isinstance(content_id, str) else blob["contentUri"]
+                if key not in listed:
+                    listed.add(key)
+                    uris.append(blob["contentUri"])
+            for records in self._fetch_blobs(uris):
+                activities = self._blob_activities(content_type, records)
+                if activities:
+                    yield activities
+            window_start = window_end
+
+    def _fetch_blobs(self, uris: list[str]) -> Iterator[list[Any]]:
+        """The blobs' records, in order. A day holds a few hundred small blobs: up to
+        PREFETCH_PAGES are fetched at once (bounded memory); when the caller stops early,
+        pending fetches are dropped and retry waits of running ones end at once."""
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=PREFETCH_PAGES, thread_name_prefix="o365-blobs")
+        ahead: deque[Future[list[Any]]] = deque()
+        try:
+            for uri in uris:
+                ahead.append(pool.submit(self._fetch_blob, uri, stop))
+                if len(ahead) >= PREFETCH_PAGES:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _content_blobs(
+        self, content_type: str, start: datetime, end: datetime
+    ) -> Iterator[dict[str, Any]]:
+        """The content blobs listed for [start, end) (at most 24 hours), following the
+        NextPageUri header as given."""
+        url: str | None = f"{self._management_base()}/subscriptions/content"
+        params: dict[str, str] | None = {
+            "contentType": content_type,
+            "startTime": management_time(start),
+            "endTime": management_time(end),
+        }
+        resubscribed = False
+        while url:
+            try:
+                listing, headers = self._management("GET", url, params)
+            except ServiceError as exc:
+                if exc.code == _NO_SUBSCRIPTION and not resubscribed:
+                    # The subscription was stopped since it was started: start it again.
+                    resubscribed = True
+                    self._subscribed.discard(content_type)
+                    self._start_subscription(content_type)
+                    continue
+                if exc.status == 400:
+                    raise VendorError(
+                        f"the Office 365 Management API refused to list {content_type} content "
+                        f"for {management_time(start)} to {management_time(end)} UTC (it lists "
+                        f"at most 24 hours at a time, starting at most 7 days ago): {exc}",
+                        exc.status,
+                    ) from None
+                raise
+            if not isinstance(listing, list):
+                raise VendorError(
+                    f"Management API GET {self._path(url)}: the content listing is not a list"
+                )
+            for blob in listing:
+                uri = blob.get("contentUri") if isinstance(blob, dict) else None
+                if not isinstance(uri, str) or not uri:
+                    raise VendorError(
+                        f"Management API GET {self._path(url)}: a listed blob has no contentUri"
+                    )
+                if not self._belongs(uri, self._management_api):
+                    raise VendorError(
+                        f"the Management API listed a contentUri on another host: {uri:.100}"
+                    )
+                yield blob
+            next_page = headers.get("NextPageUri")
+            url, params = (urljoin(url, next_page.strip()) if next_page else None), None
+            if url and not self._belongs(url, self._management_api):
+                raise VendorError(
+                    f"the Management API returned a NextPageUri to another host: {url:.100}"
+                )
+
+    def _fetch_blob(self, uri: str, cancel: threading.Event) -> list[Any]:
+        records, _ = self._request("GET", uri, api=self._management_api, cancel=cancel)
+        if not isinstance(records, list):
+            raise VendorError(
+                f"Management API GET {self._path(uri)}: the content blob is not a list of records"
+            )
+        return records
+
+    def _blob_activities(self, content_type: str, records: list[Any]) -> list[Activity]:
+        # In the caller's thread: skipped_activities is not shared with the fetching threads.
+        activities: list[Activity] = []
+        for record in records:
+            activity = management_activity(record, content_type)
+            if activity is None:
+                self.skipped_activities += 1
+            else:
+                activities.append(activity)
+        return activities

@@ -25,3 +25,10 @@ sync_group_memberships = dg.define_asset_job(
     description="Re-sync every imported group (default config); set connection to limit it, "
     "full_resync to read everything again.",
 )
+
+ingest_activities = dg.define_asset_job(
+    name="ingest_activities",
+    selection=dg.AssetSelection.groups("activities"),
+    description="Read new audit events from every connection, tag them with their actors' "
+    "groups and evaluate the policies on them.",
+)

@@ -3,6 +3,10 @@
 Real HTTPS on loopback (msal insists on https authorities), seeded with the synthetic
 organisation from :mod:`groupsync_pipeline.sandbox.seed`. Used by the test-suite and as the
 embedded demo tenant. See ``/shared/api-reference/CONTRACTS.md`` for the behaviour copied.
+
+Also serves directory roles, the audit logs (``/auditLogs/signIns``, ``/directoryAudits``) from
+the synthetic stream of :mod:`.activity_stream`, and the Office 365 Management Activity API of
+:mod:`.management` under ``/office-management`` (tokens for ``https://manage.office.com``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,24 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from groupsync_pipeline.sandbox.activity_stream import (
+    DEFAULT_RATE,
+    DIRECTORY_AUDIT,
+    SIGN_IN,
+    ActivityEvent,
+    ActivityStream,
+)
+from groupsync_pipeline.sandbox.management import (
+    DEFAULT_PAGE_SIZE,
+    MANAGEMENT_APP_ID,
+    MANAGEMENT_AUDIENCE,
+    MANAGEMENT_PREFIX,
+    ManagementActivityApi,
+)
 from groupsync_pipeline.sandbox.seed import (
     EVOLVE_EPOCH,
     SANDBOX_TENANT_ID,
+    DirectoryRole,
     Group,
     Organisation,
     OtherObject,
@@ -47,6 +66,8 @@ from groupsync_pipeline.sandbox.seed import (
 from groupsync_pipeline.sandbox.tls import make_self_signed
 
 __all__ = [
+    "GRAPH_SCOPE",
+    "MANAGEMENT_SCOPE",
     "SANDBOX_CLIENT_ID",
     "SANDBOX_CLIENT_SECRET",
     "SANDBOX_TENANT_ID",
@@ -64,6 +85,15 @@ SANDBOX_CLIENT_ID = "0b7e3c4a-9f21-4d6b-8e5a-2c1f7a9d3e60"
 SANDBOX_CLIENT_SECRET = "sandbox-not-a-secret"  # fake tenant: public on purpose
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _GRAPH_APP_SCOPE = "00000003-0000-0000-c000-000000000000/.default"  # Graph's appId form
+GRAPH_AUDIENCE = "https://graph.microsoft.com"
+MANAGEMENT_SCOPE = f"{MANAGEMENT_AUDIENCE}/.default"
+# scope -> audience of the token minted for it (one resource per token request, as in Entra)
+_SCOPE_AUDIENCES = {
+    GRAPH_SCOPE: GRAPH_AUDIENCE,
+    _GRAPH_APP_SCOPE: GRAPH_AUDIENCE,
+    MANAGEMENT_SCOPE: MANAGEMENT_AUDIENCE,
+    f"{MANAGEMENT_APP_ID}/.default": MANAGEMENT_AUDIENCE,
+}
 _RESERVED_SCOPES = {"openid", "profile", "offline_access", "email"}  # msal may add these
 DEFAULT_PERMISSIONS = frozenset(
     {
@@ -73,8 +103,16 @@ DEFAULT_PERMISSIONS = frozenset(
         "Domain.Read.All",
         "AuditLog.Read.All",
         "Directory.Read.All",
+        "ActivityFeed.Read",  # Office 365 Management APIs (manage.office.com)
     }
 )
+# Application permissions of the Office 365 Management APIs: only in manage.office.com tokens.
+_MANAGEMENT_PERMISSIONS = frozenset({"ActivityFeed.Read", "ActivityFeed.ReadDlp"})
+AUDIT_MAX_PAGE = 1000  # signIns/directoryAudits: $top up to 1000 (also the default page)
+AUDIT_RETENTION = 30 * 24 * 3600.0  # Entra keeps sign-in and audit logs 30 days (P1/P2)
+_AUDIT_PARAMS = frozenset({"$filter", "$top", "$skiptoken", "$orderby"})
+_ROLE_READ = ("RoleManagement.Read.Directory", "Directory.Read.All")
+
 MAX_BATCH = 20
 MAX_PAGE = 999
 DEFAULT_PAGE = 100
@@ -716,7 +754,13 @@ class GraphSandbox:
         omit_deleted_user_removals: bool = False,
         random_token_key: bool = False,
         clock: Callable[[], float] | None = None,
+        activity_rate: float = DEFAULT_RATE,
+        management_page_size: int = DEFAULT_PAGE_SIZE,
+        management_slot_seconds: int | None = None,
     ) -> None:
+        """``activity_rate``: synthetic audit events per hour at a weekday peak (0: off, only
+        injected events); ``management_page_size``: blobs per Management API content page;
+        ``management_slot_seconds``: fixed blob slots (default: 5-15 minutes, like the API)."""
         self.org: Organisation = org if org is not None else build_organisation()
         if evolve_every is not None and evolve_every <= 0:
             raise ValueError("evolve_every must be a positive number of seconds")
@@ -748,7 +792,8 @@ class GraphSandbox:
         self.faults = FaultInjector()
         self.requests: list[RequestRecord] = []
         self._log_lock = threading.Lock()
-        self._tokens: dict[str, float] = {}  # access token -> expiry (time.monotonic())
+        # access token -> (expiry in time.monotonic(), audience)
+        self._tokens: dict[str, tuple[float, str]] = {}
         self._tokens_lock = threading.Lock()
         # Signs $skiptoken/$deltatoken values. Derived from the tenant (and seed) so another
         # process serving the same tenant accepts them; a fake, so no secrecy is needed.
@@ -758,6 +803,11 @@ class GraphSandbox:
             else hashlib.sha256(
                 f"groupsync-sandbox-tokens:{self.org.tenant_id}:{self.org.seed}".encode()
             ).digest()
+        )
+        # Audit events (Graph auditLogs + Management Activity API) and that API itself.
+        self.activity = ActivityStream(self.org, rate=activity_rate)
+        self.management = ManagementActivityApi(
+            self, page_size=management_page_size, slot_seconds=management_slot_seconds
         )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -843,6 +893,16 @@ class GraphSandbox:
         return f"{self.base_url}/v1.0"
 
     @property
+    def management_url(self) -> str:
+        """Root of the Office 365 Management Activity API (https://manage.office.com)."""
+        return f"{self.base_url}/{MANAGEMENT_PREFIX}"
+
+    @property
+    def management_feed_url(self) -> str:
+        """``{management_url}/api/v1.0/{tenant_id}/activity/feed``."""
+        return self.management.root()
+
+    @property
     def token_url(self) -> str:
         return f"{self.base_url}/{self.tenant_id}/oauth2/v2.0/token"
 
@@ -864,6 +924,7 @@ class GraphSandbox:
             "client_secret": self.client_secret,
             "authority_host": self.authority_host,
             "graph_url": self.graph_url,
+            "management_url": self.management_url,
             "ca_bundle": self.ca_bundle,
         }
 
@@ -883,8 +944,8 @@ class GraphSandbox:
     def expire_tokens(self) -> None:
         """Every token issued so far is now expired (401 on the next Graph call)."""
         with self._tokens_lock:
-            for token in self._tokens:
-                self._tokens[token] = 0.0
+            for token, (_, audience) in self._tokens.items():
+                self._tokens[token] = (0.0, audience)
 
     def expire_delta_tokens(self) -> None:
         """Every outstanding delta/skip token of /groups/delta now answers as expired."""
@@ -912,6 +973,11 @@ class GraphSandbox:
             segments = [s for s in req.path.split("/") if s]
             if segments and segments[0].lower() == "v1.0":
                 return self._graph(req, segments[1:])
+            if segments and segments[0].lower() == MANAGEMENT_PREFIX:
+                answer = self.management.handle(req.method, segments[1:], req.query, req.headers)
+                return _Response(
+                    answer.status, answer.body(), "application/json; charset=utf-8", answer.headers
+                )
             if len(segments) >= 2:
                 return self._identity(req, segments)
             raise GraphError(400, "BadRequest", f"Invalid version: {req.path.strip('/')}")
@@ -937,6 +1003,8 @@ class GraphSandbox:
         )
 
     def _fault_response(self, fault: Fault, req: _Request) -> _Response:
+        if req.path.lower().startswith(f"/{MANAGEMENT_PREFIX}/"):
+            return self._management_fault(fault, req)
         if fault.kind == "throttle":
             # Body exactly like the docs' sample (throttling_429.json).
             return _Response(
@@ -965,6 +1033,29 @@ class GraphSandbox:
         else:
             code, message = "generalException", "General exception while processing"
         resp = self._error(status, code, message, req)
+        if fault.retry_after:
+            resp.headers["Retry-After"] = fault.retry_after
+        return resp
+
+    def _management_fault(self, fault: Fault, req: _Request) -> _Response:
+        # manage.office.com's own error shape: {"error": {"code": "AF429", "message": ...}}.
+        if fault.kind == "throttle":
+            body = {
+                "error": {
+                    "code": "AF429",
+                    "message": f"Too many requests. Method={req.method}, "
+                    f"PublisherId={self.tenant_id}",
+                }
+            }
+            headers = {"Retry-After": fault.retry_after or "1"}
+            return _Response(429, body, "application/json; charset=utf-8", headers)
+        body = {
+            "error": {
+                "code": "AF50000",
+                "message": "An internal error occurred. Retry the request.",
+            }
+        }
+        resp = _Response(fault.status or 503, body, "application/json; charset=utf-8")
         if fault.retry_after:
             resp.headers["Retry-After"] = fault.retry_after
         return resp
@@ -1128,7 +1219,7 @@ class GraphSandbox:
                 900144,
                 "The request body must contain the following parameter: 'scope'.",
             )
-        bad = [s for s in scopes if s not in (GRAPH_SCOPE, _GRAPH_APP_SCOPE)]
+        bad = [s for s in scopes if s not in _SCOPE_AUDIENCES]
         if bad:
             return self._aad_error(
                 req,
@@ -1138,7 +1229,17 @@ class GraphSandbox:
                 "The provided value for the input parameter 'scope' is not valid. "
                 f"The scope {' '.join(bad)} is not valid.",
             )
-        token = self._mint_token()
+        audiences = {_SCOPE_AUDIENCES[s] for s in scopes}
+        if len(audiences) > 1:  # one token is for one resource
+            return self._aad_error(
+                req,
+                400,
+                "invalid_scope",
+                28000,
+                "Provided value for the input parameter scope is not valid because it contains "
+                "more than one resource. Scope " + " ".join(scopes) + " is not valid.",
+            )
+        token = self._mint_token(audiences.pop())
         return _Response(
             200,
             {
@@ -1150,7 +1251,7 @@ class GraphSandbox:
             "application/json; charset=utf-8",
         )
 
-    def _mint_token(self) -> str:
+    def _mint_token(self, audience: str = GRAPH_AUDIENCE) -> str:
         # JWT-shaped like Entra's (clients may decode `roles`), but opaque to the sandbox:
         # validity is a lookup in self._tokens, the random jti/signature make it unguessable.
         now = int(time.time())
@@ -1159,8 +1260,12 @@ class GraphSandbox:
             return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
         header = {"typ": "JWT", "alg": "RS256", "kid": "sandbox"}
+        management = audience == MANAGEMENT_AUDIENCE
+        roles = [
+            p for p in sorted(self.permissions) if (p in _MANAGEMENT_PERMISSIONS) == management
+        ]
         claims = {
-            "aud": "https://graph.microsoft.com",
+            "aud": audience,
             "iss": f"https://sts.windows.net/{self.tenant_id}/",
             "iat": now,
             "nbf": now,
@@ -1168,7 +1273,7 @@ class GraphSandbox:
             "app_displayname": "groupsync sandbox",
             "appid": self.client_id,
             "idtyp": "app",
-            "roles": sorted(self.permissions),
+            "roles": roles,
             "tid": self.tenant_id,
             "jti": secrets.token_urlsafe(16),
         }
@@ -1180,8 +1285,16 @@ class GraphSandbox:
             )
         )
         with self._tokens_lock:
-            self._tokens[token] = time.monotonic() + self.token_lifetime
+            self._tokens[token] = (time.monotonic() + self.token_lifetime, audience)
         return token
+
+    def _token_info(self, token: str) -> tuple[float, str] | None:
+        """(expiry, audience) of a live token this sandbox issued, else None."""
+        with self._tokens_lock:
+            info = self._tokens.get(token)
+        if info is None or info[0] <= time.monotonic():
+            return None
+        return info
 
     # -- Graph -------------------------------------------------------------------------------
     def _authenticate(self, req: _Request) -> None:
@@ -1191,16 +1304,23 @@ class GraphSandbox:
         if scheme.lower() != "bearer" or not token:
             raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
         with self._tokens_lock:
-            expiry = self._tokens.get(token)
-        if expiry is None:
+            info = self._tokens.get(token)
+        if info is None:
             raise GraphError(
                 401,
                 "InvalidAuthenticationToken",
                 "IDX14100: JWT is not well formed or is not a token issued by this tenant.",
             )
+        expiry, audience = info
         if expiry <= time.monotonic():
             raise GraphError(
                 401, "InvalidAuthenticationToken", "Access token has expired or is not yet valid."
+            )
+        if audience != GRAPH_AUDIENCE:  # e.g. a manage.office.com token
+            raise GraphError(
+                401,
+                "InvalidAuthenticationToken",
+                "Access token validation failure. Invalid audience.",
             )
 
     def _require(self, any_of: tuple[str, ...]) -> None:
@@ -1223,6 +1343,9 @@ class GraphSandbox:
             raise _method_not_allowed()
         if not lowered:
             raise GraphError(400, "BadRequest", "Resource not found for the segment 'v1.0'.")
+        if lowered[0] == "auditlogs":
+            # Outside the org lock: generating hours of audit events must not stall the rest.
+            return self._audit_logs(req, segments[1:], lowered[1:])
         # Hold the org lock while reading: the tenant may be mutated by another thread
         # (evolution, tests). JSON encoding and socket I/O happen after, outside it.
         with self.org.lock:
@@ -1239,6 +1362,9 @@ class GraphSandbox:
         if root == "domains":
             self._require(_DOMAIN_READ)
             return self._domains(req, segments[1:])
+        if root == "directoryroles":
+            self._require(_ROLE_READ)
+            return self._directory_roles(req, segments[1:], lowered[1:])
         raise GraphError(400, "BadRequest", f"Resource not found for the segment '{segments[0]}'.")
 
     # query helpers
@@ -1380,8 +1506,12 @@ class GraphSandbox:
     def _render_group(self, select: list[str]) -> Callable[[Group], dict[str, Any]]:
         initial = self.org.initial_domain
 
+        assignable = self.org.role_assignable_group_ids()
+
         def render(g: Group) -> dict[str, Any]:
             full = _group_full(g, initial)
+            if g.id in assignable:
+                full["isAssignableToRole"] = True
             if not select:
                 return full
             out = {"id": g.id}
@@ -1884,6 +2014,192 @@ class GraphSandbox:
             },
         )
 
+    # directoryRoles
+    def _find_role(self, key: str) -> DirectoryRole:
+        lowered = key.lower()
+        if lowered.startswith("roletemplateid="):  # alternate key: roleTemplateId={id}
+            template = key.split("=", 1)[1].strip("'")
+            role = next(
+                (r for r in self.org.roles if r.role_template_id.lower() == template.lower()), None
+            )
+        else:
+            if not _GUID_RE.match(key):
+                raise GraphError(400, "Request_BadRequest", f"Invalid object identifier '{key}'.")
+            role = next((r for r in self.org.roles if r.id == lowered), None)
+        if role is None:
+            raise GraphError(
+                404,
+                "Request_ResourceNotFound",
+                f"Resource '{key}' does not exist or one of its queried reference-property "
+                "objects are not present.",
+            )
+        return role
+
+    @staticmethod
+    def _render_role(role: DirectoryRole) -> dict[str, Any]:
+        return {
+            "id": role.id,
+            "deletedDateTime": None,
+            "description": role.description,
+            "displayName": role.display_name,
+            "roleTemplateId": role.role_template_id,
+        }
+
+    def _directory_roles(self, req: _Request, segs: list[str], lowered: list[str]) -> _Response:
+        """``GET /directoryRoles[/{id}|/roleTemplateId={tid}][/members]``: activated roles."""
+        params = req.params()
+        if not segs:
+            self._check_query(params, set())  # the docs: no OData query parameters
+            return _Response(
+                200,
+                {
+                    "@odata.context": self._context("directoryRoles", []),
+                    "value": [self._render_role(r) for r in self.org.roles],
+                },
+            )
+        role = self._find_role(segs[0])
+        if len(segs) == 1:
+            self._check_query(params, set())
+            body = {"@odata.context": self._context("directoryRoles", []) + "/$entity"}
+            body.update(self._render_role(role))
+            return _Response(200, body)
+        if lowered[1:] != ["members"]:
+            raise GraphError(400, "BadRequest", f"Resource not found for the segment '{segs[1]}'.")
+        self._check_query(params, {"$skiptoken", "$select"})
+        select = self._select(params, DIRECTORY_OBJECT_PROPERTIES, "directoryObject")
+        members = [m for m in role.members if self.org.object_exists(m)]
+        base = self._render_member(select, annotate=True)
+        users = self.org.users
+
+        def render(object_id: str) -> dict[str, Any]:
+            out = base(object_id)
+            user = users.get(object_id)
+            if user is not None and not select:
+                out["userType"] = user.user_type  # who is a guest admin matters here
+            return out
+
+        return self._page(
+            req, params, members, render, self._context("directoryObjects", select), False
+        )
+
+    # auditLogs
+    def _audit_logs(self, req: _Request, segs: list[str], lowered: list[str]) -> _Response:
+        """``GET /auditLogs/signIns`` and ``/auditLogs/directoryAudits``: newest first."""
+        if req.method != "GET":
+            raise _method_not_allowed()
+        if len(lowered) != 1 or lowered[0] not in ("signins", "directoryaudits"):
+            bad = segs[0] if segs else "auditLogs"
+            raise GraphError(400, "BadRequest", f"Resource not found for the segment '{bad}'.")
+        sign_ins = lowered[0] == "signins"
+        self._require(("AuditLog.Read.All",))
+        if not sign_ins:
+            self._require(("Directory.Read.All",))  # CONTRACTS.md: directoryAudits needs both
+        entity = "auditLogs/signIns" if sign_ins else "auditLogs/directoryAudits"
+        time_field = "createdDateTime" if sign_ins else "activityDateTime"
+        params = req.params()
+        self._check_query(params, set(_AUDIT_PARAMS))
+        top = self._audit_top(params)
+        orderby = params.get("$orderby", "").strip()
+        if orderby and re.fullmatch(rf"{time_field}(\s+desc)?", orderby, re.IGNORECASE) is None:
+            raise GraphError(400, "Request_UnsupportedQuery", "Unsupported sort property.")
+        start, end, equals = _audit_filter(params.get("$filter", ""), time_field, sign_ins)
+        listing = "|".join((entity.lower(), params.get("$filter", ""), orderby.lower()))
+        now = self.clock()
+        token = params.get("$skiptoken")
+        cursor: tuple[float, str] | None = None
+        as_of = now
+        if token is not None:
+            as_of, cursor = self._open_audit_token(token, listing)
+        start = max(start, as_of - AUDIT_RETENTION)
+        if cursor is not None:
+            end = min(end, cursor[0])
+        stream = self.activity
+        render = stream.graph_sign_in if sign_ins else stream.graph_directory_audit
+        kind = SIGN_IN if sign_ins else DIRECTORY_AUDIT
+        page: list[ActivityEvent] = []
+        more = False
+        # Every page shows the log as of the first page (as_of): events arriving while a client
+        # pages cannot shift it; they are found by the next query.
+        for event in stream.events({kind}, start, end, visible_by=as_of):
+            if cursor is not None and (event.at, event.id) >= cursor:
+                continue
+            if equals and not self._audit_match(event, equals, sign_ins):
+                continue
+            if len(page) == top:
+                more = True
+                break
+            page.append(event)
+        body: dict[str, Any] = {"@odata.context": f"{self.graph_url}/$metadata#{entity}"}
+        if more:
+            last = page[-1]
+            pairs = [
+                (k, v)
+                for k, v in parse_qsl(req.query, keep_blank_values=True)
+                if k.lower() != "$skiptoken"
+            ]
+            pairs.append(("$skiptoken", self._seal_audit_token(as_of, (last.at, last.id), listing)))
+            query = urlencode(pairs, quote_via=quote, safe="$,'():")
+            body["@odata.nextLink"] = f"{self.graph_url}/{entity}?{query}"
+        body["value"] = [render(e) for e in page]
+        return _Response(200, body)
+
+    def _audit_top(self, params: dict[str, str]) -> int:
+        raw = params.get("$top")
+        if raw is None:
+            return AUDIT_MAX_PAGE
+        try:
+            top = int(raw)
+        except ValueError:
+            raise GraphError(
+                400, "BadRequest", f"Invalid value '{raw}' for query option '$top'."
+            ) from None
+        if not 1 <= top <= AUDIT_MAX_PAGE:
+            raise GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Invalid page size specified: '{top}'. Must be between 1 and {AUDIT_MAX_PAGE} "
+                "inclusive.",
+            )
+        return top
+
+    def _audit_match(self, event: ActivityEvent, equals: dict[str, str], sign_ins: bool) -> bool:
+        d = self.activity.details(event)
+        if sign_ins:
+            user = d["user"]
+            actual = {
+                "userid": d["user_id"],
+                "userprincipalname": user.user_principal_name if user else "",
+                "appdisplayname": d["app"][0],
+            }
+        else:
+            actual = {
+                "initiatedby/user/id": d["actor_id"] or "",
+                "activitydisplayname": d["activity"][0],
+                "category": d["activity"][1],
+            }
+        return all(actual.get(k, "").casefold() == v.casefold() for k, v in equals.items())
+
+    def _seal_audit_token(self, as_of: float, cursor: tuple[float, str], listing: str) -> str:
+        state = json.dumps(
+            [as_of, cursor[0], cursor[1], hashlib.sha256(listing.encode()).hexdigest()[:16]]
+        ).encode()
+        mac = hmac.new(self._skip_key, b"audit:" + state, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(mac + state).rstrip(b"=").decode()
+
+    def _open_audit_token(self, token: str, listing: str) -> tuple[float, tuple[float, str]]:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            mac, state = raw[:16], raw[16:]
+            expected = hmac.new(self._skip_key, b"audit:" + state, hashlib.sha256).digest()[:16]
+            if not hmac.compare_digest(mac, expected):
+                raise ValueError("forged")
+            as_of, at, event_id, bound = json.loads(state)
+            if bound != hashlib.sha256(listing.encode()).hexdigest()[:16]:
+                raise ValueError("another listing")
+            return float(as_of), (float(at), str(event_id))
+        except (ValueError, TypeError, binascii.Error):
+            raise GraphError(400, "Request_BadRequest", "Invalid skip token.") from None
+
     # $batch
     def _batch(self, req: _Request) -> _Response:
         try:
@@ -2020,6 +2336,64 @@ def _order(items: list[Any], orderby: str | None, allowed: dict[str, str]) -> li
     )
 
 
+_AUDIT_CLAUSE_RE = re.compile(
+    r"\s*([\w/]+)\s+(ge|gt|le|lt|eq)\s+('(?:[^']|'')*'|[0-9][0-9T:.\-+Z]*)\s*", re.IGNORECASE
+)
+_AUDIT_EQ_FIELDS = {
+    True: ("userid", "userprincipalname", "appdisplayname"),
+    False: ("initiatedby/user/id", "activitydisplayname", "category"),
+}
+
+
+def _audit_time(literal: str) -> float:
+    text = literal.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise GraphError(
+            400, "BadRequest", f"The DateTimeOffset literal '{literal}' is not valid."
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def _audit_filter(
+    text: str, time_field: str, sign_ins: bool
+) -> tuple[float, float, dict[str, str]]:
+    """``$filter`` of an audit log: time bounds (and/ge/gt/le/lt, unquoted ISO timestamps)
+    and a few ``eq`` string filters -> (start, end inclusive, {field: value})."""
+    start, end = 0.0, math.inf
+    equals: dict[str, str] = {}
+    if not text.strip():
+        return start, end, equals
+    parts = re.split(r"\s+and\s+(?=(?:[^']*'[^']*')*[^']*$)", text.strip(), flags=re.IGNORECASE)
+    for part in parts:
+        match = _AUDIT_CLAUSE_RE.fullmatch(part)
+        if match is None:
+            raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
+        name, op, literal = match.group(1), match.group(2).lower(), match.group(3)
+        if name.lower() == time_field.lower() and not literal.startswith("'"):
+            moment = _audit_time(literal)
+            if op == "ge":
+                start = max(start, moment)
+            elif op == "gt":
+                start = max(start, moment + 1e-7)
+            elif op == "le":
+                end = min(end, moment)
+            elif op == "lt":
+                end = min(end, moment - 1e-7)
+            else:
+                start, end = max(start, moment), min(end, moment)
+        elif name.lower() in _AUDIT_EQ_FIELDS[sign_ins] and op == "eq" and literal.startswith("'"):
+            equals[name.lower()] = literal[1:-1].replace("''", "'")
+        else:
+            raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
+    return start, end, equals
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m groupsync_pipeline.sandbox.graph``: serve the sandbox until Ctrl-C."""
     parser = argparse.ArgumentParser(description="Microsoft Graph sandbox on loopback HTTPS")
@@ -2035,13 +2409,25 @@ def main(argv: list[str] | None = None) -> None:
         help="advance the tenant one deterministic step every SECONDS since "
         f"{EVOLVE_EPOCH:%Y-%m-%dT%H:%MZ} (e.g. 3600)",
     )
+    parser.add_argument(
+        "--activity-rate",
+        type=float,
+        default=DEFAULT_RATE,
+        metavar="EVENTS",
+        help=f"synthetic audit events per hour at a weekday peak (0: none; default {DEFAULT_RATE})",
+    )
     args = parser.parse_args(argv)
     org = build_organisation(seed=args.seed, users=args.users)
     sandbox = GraphSandbox(
-        org, host=args.host, port=args.port, evolve_every=args.evolve_every
+        org,
+        host=args.host,
+        port=args.port,
+        evolve_every=args.evolve_every,
+        activity_rate=args.activity_rate,
     ).start()
     print(f"base_url      {sandbox.base_url}")
     print(f"graph_url     {sandbox.graph_url}")
+    print(f"management    {sandbox.management_url}")
     print(f"tenant_id     {sandbox.tenant_id}")
     print(f"client_id     {sandbox.client_id}")
     print(f"client_secret {sandbox.client_secret}")

@@ -266,6 +266,65 @@ class Group:
     visibility: str | None = None
 
 
+# Built-in Entra role templates (ids as published in "Microsoft Entra built-in roles").
+GLOBAL_ADMIN_TEMPLATE = "62e90394-69f5-4237-9190-012177145e10"
+ROLE_TEMPLATES: dict[str, tuple[str, str, bool]] = {
+    # template id -> (displayName, description, grants administrative rights)
+    GLOBAL_ADMIN_TEMPLATE: (
+        "Global Administrator",
+        "Can manage all aspects of Microsoft Entra ID and Microsoft services that use "
+        "Microsoft Entra identities.",
+        True,
+    ),
+    "29232cdf-9323-42fd-ade2-1d097af3e4de": (
+        "Exchange Administrator",
+        "Can manage all aspects of the Exchange product.",
+        True,
+    ),
+    "f28a1f50-f6e7-4571-818b-6a12f2af6b6c": (
+        "SharePoint Administrator",
+        "Can manage all aspects of the SharePoint service.",
+        True,
+    ),
+    "fe930be7-5e62-47db-91af-98c3a49a38b1": (
+        "User Administrator",
+        "Can manage all aspects of users and groups, including resetting passwords for "
+        "limited admins.",
+        True,
+    ),
+    "729827e3-9c14-49f7-bb1b-9608f156bbb8": (
+        "Helpdesk Administrator",
+        "Can reset passwords for non-administrators and Helpdesk Administrators.",
+        True,
+    ),
+    "4a5d8f65-41da-4de4-8968-e035b65339cf": (
+        "Reports Reader",
+        "Can read sign-in and audit reports.",
+        False,
+    ),
+    "88d8e3e3-8f55-4a1e-953a-9b9898b8876b": (
+        "Directory Readers",
+        "Can read basic directory information. Commonly used to grant directory read access "
+        "to applications and guests.",
+        False,
+    ),
+}
+# The role-assignable group that holds Helpdesk Administrator (its users are admins too).
+ROLE_ASSIGNABLE_GROUP = "IT admins"
+
+
+@dataclass
+class DirectoryRole:
+    """An activated directory role (``GET /directoryRoles``) and its direct members."""
+
+    id: str  # object id of the activated role (not the template id)
+    role_template_id: str
+    display_name: str
+    description: str
+    is_admin: bool  # False for read-only roles such as Reports Reader
+    members: list[str]  # user, role-assignable group and service principal ids
+
+
 class Change(NamedTuple):
     """One logged mutation; all records of one mutation share its ``version``."""
 
@@ -333,6 +392,7 @@ class Organisation:
     deleted_groups: dict[str, Group] = field(default_factory=dict, repr=False)
     deleted_users: dict[str, User] = field(default_factory=dict, repr=False)
     evolved_groups: list[str] = field(default_factory=list, repr=False)  # created by evolve()
+    roles: list[DirectoryRole] = field(default_factory=list, repr=False)  # activated roles
     # One lock for mutations and for readers that need a consistent view (threaded server).
     lock: AbstractContextManager[Any] = field(
         default_factory=threading.RLock, repr=False, compare=False
@@ -402,6 +462,31 @@ class Organisation:
             cached = [m for m in self.transitive_members(group_id) if m in users]
             self._transitive_users[group_id] = cached
         return cached
+
+    def role_assignable_group_ids(self) -> set[str]:
+        """Groups that are members of a directory role (isAssignableToRole)."""
+        return {m for role in self.roles for m in role.members if m in self.groups}
+
+    def admin_user_ids(self) -> list[str]:
+        """Users holding an administrative role, directly or through a role-assignable group."""
+        seen: dict[str, None] = {}
+        for role in self.roles:
+            if not role.is_admin:
+                continue
+            for member in role.members:
+                if member in self.users:
+                    seen.setdefault(member)
+                elif member in self.groups:
+                    seen.update(dict.fromkeys(self.transitive_user_ids(member)))
+        return list(seen)
+
+    def direct_admin_user_ids(self) -> list[str]:
+        """Users assigned an administrative role directly (the tenant's named admins)."""
+        return list(
+            dict.fromkeys(
+                m for role in self.roles if role.is_admin for m in role.members if m in self.users
+            )
+        )
 
     # -- change over time --------------------------------------------------------------------
     def group_ordinal(self, group_id: str) -> int:
@@ -605,6 +690,9 @@ class Organisation:
                     group.members.remove(user_id)
                     members.discard(user_id)
                     records.append((MEMBER_DELETED, group.id, user_id))
+            for role in self.roles:  # a deleted user loses its role assignments
+                if user_id in role.members:
+                    role.members.remove(user_id)
             records.append((USER_DELETED, None, user_id))
             self._bump(records)
             return user
@@ -1028,7 +1116,50 @@ def build_organisation(
         groups=groups,
         others=others,
         seed=seed,
+        roles=_build_roles(seed, user_map, groups, others, by_dept),
     )
+
+
+def _build_roles(
+    seed: int,
+    users: dict[str, User],
+    groups: dict[str, Group],
+    others: dict[str, OtherObject],
+    by_dept: dict[str, list[str]],
+) -> list[DirectoryRole]:
+    """Activated roles and their holders; a separate rng so the rest of the tenant is as before."""
+    rng = random.Random(f"{seed}:roles")
+    it_people = sorted(u for u in by_dept["IT"] if users[u].account_enabled)
+    security = sorted(u for u in by_dept["Security"] if users[u].account_enabled)
+    if not it_people:  # tiny orgs: any enabled member
+        it_people = sorted(u for u in users if users[u].user_type == "Member")
+    named = rng.sample(it_people, min(6, len(it_people)))
+    named += [named[-1]] * (6 - len(named))  # pad (tiny orgs): the same person twice
+    helpdesk = next(g.id for g in groups.values() if g.display_name == ROLE_ASSIGNABLE_GROUP)
+    apps = {o.display_name: o.id for o in others.values()}
+    holders: dict[str, list[str]] = {
+        GLOBAL_ADMIN_TEMPLATE: named[0:2],
+        "29232cdf-9323-42fd-ade2-1d097af3e4de": [named[2]],
+        "f28a1f50-f6e7-4571-818b-6a12f2af6b6c": [named[3]],
+        # The HR provisioning app creates and updates users: an app holding an admin role.
+        "fe930be7-5e62-47db-91af-98c3a49a38b1": [named[4], named[0], apps["HR Sync Connector"]],
+        "729827e3-9c14-49f7-bb1b-9608f156bbb8": [helpdesk, named[5]],
+        "4a5d8f65-41da-4de4-8968-e035b65339cf": security[:1] or named[:1],
+        "88d8e3e3-8f55-4a1e-953a-9b9898b8876b": [apps["Ticketing Bot"]],
+    }
+    roles: list[DirectoryRole] = []
+    for template, (name, description, is_admin) in ROLE_TEMPLATES.items():
+        roles.append(
+            DirectoryRole(
+                id=_uuid4(rng.getrandbits(128)),
+                role_template_id=template,
+                display_name=name,
+                description=description,
+                is_admin=is_admin,
+                members=list(dict.fromkeys(holders[template])),
+            )
+        )
+    return roles
 
 
 def _domain(name: str, *, default: bool, initial: bool, verified: bool) -> dict[str, Any]:

@@ -158,3 +158,106 @@ FROM group_memberships AS m
 JOIN user_groups AS g ON g.group_id = m.group_id
 LEFT JOIN accounts AS a ON a.connection = m.connection AND a.account_id = m.account_id
 WHERE m.valid_to IS NULL;
+
+-- activities: events from the apps' audit logs, normalized. One row per app event:
+-- (connection, source, event_id) is unique (ingest drops events it already holds).
+CREATE TABLE IF NOT EXISTS activities (
+    activity_id      BIGINT NOT NULL,       -- groupsync's id; increases in ingest order
+    connection       VARCHAR NOT NULL,
+    app              VARCHAR NOT NULL,      -- office365 | ...
+    source           VARCHAR NOT NULL,      -- the log: signIns | directoryAudits | Audit.SharePoint | Audit.General
+    event_id         VARCHAR NOT NULL,      -- the app's id for the event
+    occurred_at      TIMESTAMPTZ NOT NULL,  -- when it happened (UTC)
+    actor_account_id VARCHAR,               -- who acted: accounts.account_id; NULL when unknown
+    actor_email      VARCHAR,               -- who acted, as the app names them (sign-in name or email)
+    action           VARCHAR NOT NULL,      -- the app's word: Sign-in, FileAccessed, Add member to group ...
+    object_name      VARCHAR,               -- file or resource acted on
+    object_id        VARCHAR,               -- its id or URL
+    ip_address       VARCHAR,
+    country          VARCHAR,               -- ISO 3166-1 alpha-2, when the app geolocates the event
+    city             VARCHAR,
+    user_agent       VARCHAR,
+    success          BOOLEAN,               -- NULL when the app does not say
+    raw              VARCHAR,               -- the event as received (JSON text: query it with raw::JSON)
+    ingested_at      TIMESTAMPTZ NOT NULL
+);
+
+-- activity_sources_state: how far each audit log has been read, per connection.
+CREATE TABLE IF NOT EXISTS activity_sources_state (
+    connection       VARCHAR NOT NULL,
+    source           VARCHAR NOT NULL,
+    read_until       TIMESTAMPTZ NOT NULL,  -- events made available before this were read; the
+                                            -- next read starts an overlap window earlier
+    last_read_at     TIMESTAMPTZ NOT NULL,
+    events_read      BIGINT NOT NULL,       -- events received by the last read (repeats included)
+    events_new       BIGINT NOT NULL,       -- of them, new to groupsync
+    gap_before       TIMESTAMPTZ,           -- set when the app no longer kept events back to the
+                                            -- previous read: events before this were lost
+    PRIMARY KEY (connection, source)
+);
+
+-- activity_groups: the groups each activity is tagged with. A group tags an activity when the
+-- actor was a member at occurred_at (valid_from <= occurred_at < valid_to) and the group was
+-- imported (automatic groups: created) at or before occurred_at. Written once, when the activity
+-- is ingested; never changed after.
+CREATE TABLE IF NOT EXISTS activity_groups (
+    activity_id BIGINT NOT NULL,
+    group_id    VARCHAR NOT NULL
+);
+
+-- _tagging_state (internal): activities up to this activity_id have been tagged.
+CREATE TABLE IF NOT EXISTS _tagging_state (
+    tagged_through BIGINT NOT NULL
+);
+
+-- alerts: what the policies raised. One row per policy, actor and burst (threshold policies) or
+-- run (other policies).
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id         VARCHAR PRIMARY KEY,   -- stable: re-evaluating the same activities gives the same id
+    policy           VARCHAR NOT NULL,
+    severity         VARCHAR NOT NULL,      -- low | medium | high | critical
+    raised_at        TIMESTAMPTZ NOT NULL,
+    connection       VARCHAR NOT NULL,
+    actor_account_id VARCHAR,
+    actor_email      VARCHAR,
+    groups           VARCHAR[] NOT NULL,    -- the actor's tagged groups that matched the policy
+    activity_ids     BIGINT[] NOT NULL,     -- the activities that raised it (at most 1,000)
+    activity_count   BIGINT NOT NULL,
+    first_at         TIMESTAMPTZ NOT NULL,  -- earliest and latest of those activities
+    last_at          TIMESTAMPTZ NOT NULL,
+    summary          VARCHAR NOT NULL,      -- one line for people
+    notified_at      TIMESTAMPTZ            -- when the policy's email went out
+);
+
+-- _policy_state (internal): activities up to this activity_id have been evaluated by the policy.
+CREATE TABLE IF NOT EXISTS _policy_state (
+    policy            VARCHAR PRIMARY KEY,
+    evaluated_through BIGINT NOT NULL,
+    definition_hash   VARCHAR NOT NULL      -- of the fields that decide matching: a change
+                                            -- starts the policy again from new activities
+);
+
+-- activities_tagged: every activity with the names and ids of the groups it is tagged with.
+CREATE OR REPLACE VIEW activities_tagged AS
+SELECT a.*,
+       coalesce(t.group_names, []::VARCHAR[]) AS groups,
+       coalesce(t.group_ids, []::VARCHAR[])   AS group_ids
+FROM activities AS a
+LEFT JOIN (
+    SELECT ag.activity_id,
+           list(g.name ORDER BY g.name)          AS group_names,
+           list(ag.group_id ORDER BY g.name)     AS group_ids
+    FROM activity_groups AS ag
+    JOIN user_groups AS g ON g.group_id = ag.group_id
+    GROUP BY ag.activity_id
+) AS t ON t.activity_id = a.activity_id;
+
+-- group_activities: one row per activity and group it is tagged with ("activities of group X").
+CREATE OR REPLACE VIEW group_activities AS
+SELECT ag.group_id,
+       g.name AS group_name,
+       g.type AS group_type,
+       a.*
+FROM activity_groups AS ag
+JOIN user_groups AS g ON g.group_id = ag.group_id
+JOIN activities AS a ON a.activity_id = ag.activity_id;

@@ -198,47 +198,8 @@ def merge_group_members(
             "CREATE OR REPLACE TEMP TABLE incoming AS "
             "SELECT DISTINCT ON (account_id) * FROM incoming"
         )
-    conn.execute(
-        """
-        UPDATE accounts SET email = i.email, display_name = i.display_name,
-            user_principal_name = i.user_principal_name, user_type = i.user_type,
-            is_external = i.is_external, enabled = i.enabled, last_seen_at = $now
-        FROM incoming AS i
-        WHERE accounts.connection = $connection AND accounts.account_id = i.account_id
-        """,
-        {"connection": connection.name, "now": now},
-    )
-    conn.execute(
-        """
-        INSERT INTO accounts (connection, account_id, email, display_name, user_principal_name,
-                              user_type, is_external, enabled, first_seen_at, last_seen_at)
-        SELECT $connection, account_id, email, display_name, user_principal_name, user_type,
-               is_external, enabled, $now, $now
-        FROM incoming
-        WHERE account_id NOT IN (SELECT account_id FROM accounts WHERE connection = $connection)
-        """,
-        {"connection": connection.name, "now": now},
-    )
-    left = conn.execute(
-        """
-        UPDATE group_memberships SET valid_to = $now
-        WHERE group_id = $group_id AND valid_to IS NULL
-          AND account_id NOT IN (SELECT account_id FROM incoming)
-        """,
-        {"group_id": group_id, "now": now},
-    ).fetchall()[0][0]
-    joined = conn.execute(
-        """
-        INSERT INTO group_memberships (group_id, connection, account_id, valid_from, valid_to)
-        SELECT $group_id, $connection, i.account_id, $now, NULL
-        FROM incoming AS i
-        WHERE i.account_id NOT IN (
-            SELECT account_id FROM group_memberships
-            WHERE group_id = $group_id AND valid_to IS NULL
-        )
-        """,
-        {"group_id": group_id, "connection": connection.name, "now": now},
-    ).fetchall()[0][0]
+    upsert_incoming_accounts(conn, connection.name, now)
+    joined, left = replace_current_members(conn, group_id, connection.name, now)
     members = distinct
     conn.execute(
         """
@@ -281,3 +242,61 @@ def merge_group_members(
     )
     conn.execute("DROP TABLE incoming")
     return SyncResult(group_id=group_id, members=members, joined=joined, left=left, synced_at=now)
+
+
+def upsert_incoming_accounts(
+    conn: duckdb.DuckDBPyConnection, connection: str, now: datetime
+) -> None:
+    """Insert or refresh the accounts in the temp table ``incoming`` (one row per account)."""
+    conn.execute(
+        """
+        UPDATE accounts SET email = i.email, display_name = i.display_name,
+            user_principal_name = i.user_principal_name, user_type = i.user_type,
+            is_external = i.is_external, enabled = i.enabled, last_seen_at = $now
+        FROM incoming AS i
+        WHERE accounts.connection = $connection AND accounts.account_id = i.account_id
+        """,
+        {"connection": connection, "now": now},
+    )
+    conn.execute(
+        """
+        INSERT INTO accounts (connection, account_id, email, display_name, user_principal_name,
+                              user_type, is_external, enabled, first_seen_at, last_seen_at)
+        SELECT $connection, account_id, email, display_name, user_principal_name, user_type,
+               is_external, enabled, $now, $now
+        FROM incoming
+        WHERE account_id NOT IN (SELECT account_id FROM accounts WHERE connection = $connection)
+        """,
+        {"connection": connection, "now": now},
+    )
+
+
+def replace_current_members(
+    conn: duckdb.DuckDBPyConnection, group_id: str, connection: str, now: datetime
+) -> tuple[int, int]:
+    """Make the group's open intervals match the accounts in ``incoming``: (joined, left).
+
+    Leaves close an interval at ``now`` and joins open one at ``now``; those who stayed keep
+    their interval untouched.
+    """
+    left = conn.execute(
+        """
+        UPDATE group_memberships SET valid_to = $now
+        WHERE group_id = $group_id AND valid_to IS NULL
+          AND account_id NOT IN (SELECT account_id FROM incoming)
+        """,
+        {"group_id": group_id, "now": now},
+    ).fetchall()[0][0]
+    joined = conn.execute(
+        """
+        INSERT INTO group_memberships (group_id, connection, account_id, valid_from, valid_to)
+        SELECT $group_id, $connection, i.account_id, $now, NULL
+        FROM incoming AS i
+        WHERE i.account_id NOT IN (
+            SELECT account_id FROM group_memberships
+            WHERE group_id = $group_id AND valid_to IS NULL
+        )
+        """,
+        {"group_id": group_id, "connection": connection, "now": now},
+    ).fetchall()[0][0]
+    return int(joined), int(left)

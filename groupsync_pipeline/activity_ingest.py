@@ -1,0 +1,183 @@
+"""Read each connection's audit logs since the last read and store the new activities, tagged.
+
+Per audit log (source) the warehouse keeps ``read_until``: the end of the last window read.
+The next read starts an overlap window earlier, because apps publish events late (sign-ins
+minutes to hours after they happen, file-event blobs listed late): events inside the overlap
+are read again and dropped as repeats by their event id. A source the app keeps only for a
+while (7 days for file events) is read from no earlier than the app allows; the lost stretch
+is recorded as ``gap_before``.
+
+Everything read is staged on disk; the warehouse changes in one transaction per connection,
+so a read that fails midway stores nothing and moves no watermark. A source that fails does
+not stop the others: its watermark stays where it was and the error is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from groupsync_pipeline.config import ConfigError, Connection
+from groupsync_pipeline.connected_apps import open_connector
+from groupsync_pipeline.connectors.base import Account, ConnectorError
+from groupsync_pipeline.storage.activity_writes import (
+    ActivityMergeResult,
+    ActivityStaging,
+    SourceRead,
+    merge_activities,
+)
+from groupsync_pipeline.storage.warehouse import Warehouse
+
+Log = Callable[[str], None]
+OVERLAP_ENV = "GROUPSYNC_ACTIVITY_OVERLAP_MINUTES"
+BACKFILL_ENV = "GROUPSYNC_ACTIVITY_BACKFILL_HOURS"
+DEFAULT_OVERLAP = timedelta(hours=2)
+DEFAULT_BACKFILL = timedelta(hours=24)
+# Stay clear of the app's retention edge: a window starting exactly there can be refused.
+RETENTION_MARGIN = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    overlap: timedelta = DEFAULT_OVERLAP
+    backfill: timedelta = DEFAULT_BACKFILL  # how far back the first read of a source goes
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> IngestSettings:
+        def number(name: str, fallback: float, low: float, high: float) -> float:
+            raw = environ.get(name, "").strip()
+            if not raw:
+                return fallback
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be a number from {low:g} to {high:g}: {raw!r}")
+            return value
+
+        overlap = number(OVERLAP_ENV, DEFAULT_OVERLAP.total_seconds() / 60, 0, 24 * 60)
+        backfill = number(BACKFILL_ENV, DEFAULT_BACKFILL.total_seconds() / 3600, 0, 24 * 30)
+        return cls(overlap=timedelta(minutes=overlap), backfill=timedelta(hours=backfill))
+
+
+@dataclass
+class IngestOutcome:
+    connection: str
+    pages: int = 0
+    merge: ActivityMergeResult = field(default_factory=ActivityMergeResult)
+    windows: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (start, end)
+    gaps: dict[str, str] = field(default_factory=dict)  # source -> events lost before
+    errors: dict[str, str] = field(default_factory=dict)  # source (or "administrators") -> error
+    duration_seconds: float = 0.0
+
+
+def _window(
+    read_until: datetime | None,
+    retention: timedelta,
+    now: datetime,
+    settings: IngestSettings,
+) -> tuple[datetime, datetime, datetime | None]:
+    """(start, end, gap_before) of the next read of a source."""
+    earliest = now - retention + RETENTION_MARGIN
+    wanted = now - settings.backfill if read_until is None else read_until - settings.overlap
+    if wanted >= earliest:
+        return wanted, now, None
+    # The app no longer keeps events back to where we stopped: note the hole, read what is left.
+    gap = earliest if read_until is not None and read_until < earliest else None
+    return earliest, now, gap
+
+
+def ingest_connection(
+    connection: Connection,
+    warehouse: Warehouse,
+    *,
+    settings: IngestSettings | None = None,
+    log: Log = lambda message: None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    progress_every: int = 10,
+) -> IngestOutcome:
+    """Read the connection's audit logs and store the new activities, tagged."""
+    started = time.monotonic()
+    settings = settings or IngestSettings()
+    outcome = IngestOutcome(connection.name)
+    with warehouse.read() as conn:
+        state = dict(
+            conn.execute(
+                "SELECT source, read_until FROM activity_sources_state WHERE connection = ?",
+                [connection.name],
+            ).fetchall()
+        )
+    staging = ActivityStaging(warehouse.staging_path())
+    reads: list[SourceRead] = []
+    admins: list[Account] | None = None
+    domains: list[str] | None = None
+    try:
+        with open_connector(connection) as connector:
+            try:
+                admins = list(connector.administrators())
+            except ConnectorError as exc:
+                outcome.errors["administrators"] = str(exc)
+                log(f"{connection.name}: administrators not read, group unchanged: {exc}")
+            try:
+                domains = connector.verified_domains()
+            except ConnectorError as exc:
+                outcome.errors["domains"] = str(exc)
+                log(f"{connection.name}: verified domains not read: {exc}")
+            for source in connector.activity_sources():
+                end_now = now()
+                start, end, gap = _window(
+                    state.get(source.name), source.retention, end_now, settings
+                )
+                outcome.windows[source.name] = (start.isoformat(), end.isoformat())
+                if gap is not None:
+                    outcome.gaps[source.name] = gap.isoformat()
+                    log(
+                        f"{connection.name}/{source.name}: the app no longer keeps events "
+                        f"before {gap:%Y-%m-%d %H:%M} UTC; events since the last read up to "
+                        "then are lost"
+                    )
+                rows_before, pages_before = staging.rows, staging.pages
+                try:
+                    for page in connector.activities(source.name, start, end):
+                        staging.add(page)
+                        if (staging.pages - pages_before) % progress_every == 0:
+                            log(
+                                f"{connection.name}/{source.name}: {staging.pages - pages_before}"
+                                f" pages, {staging.rows - rows_before} events so far"
+                            )
+                except ConnectorError as exc:
+                    # Keep what other sources read; this one's events are dropped with it.
+                    outcome.errors[source.name] = str(exc)
+                    log(f"{connection.name}/{source.name}: not read, will retry: {exc}")
+                    staging.discard(source.name)
+                    continue
+                reads.append(SourceRead(source.name, end, staging.rows - rows_before, gap))
+                log(
+                    f"{connection.name}/{source.name}: {staging.rows - rows_before} events "
+                    f"from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+                )
+        outcome.pages = staging.pages
+        with warehouse.write() as conn:
+            outcome.merge = merge_activities(
+                conn,
+                connection=connection,
+                staging=staging,
+                reads=reads,
+                verified_domains=domains,
+                admins=admins,
+                now=now(),
+            )
+    finally:
+        staging.remove()
+    outcome.duration_seconds = time.monotonic() - started
+    merge = outcome.merge
+    log(
+        f"{connection.name}: {merge.new} new activities of {merge.received} read "
+        f"({merge.received - merge.new} already stored); {merge.tagging.tags} group tags; "
+        f"+{merge.external_joined} external, +{merge.admins_joined}/-{merge.admins_left} admins"
+    )
+    return outcome

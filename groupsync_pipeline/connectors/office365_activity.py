@@ -1,0 +1,258 @@
+"""Microsoft audit events (Graph auditLogs, Office 365 Management Activity API) → Activity.
+
+Pure functions, no I/O. Liberal in what they accept: nulls anywhere, missing nested objects,
+unknown extra fields and strings of any shape. An event without an id or a readable time
+cannot be stored (nor deduplicated): the normalizers return None and the caller counts it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from groupsync_pipeline.connectors.base import Activity
+
+SIGN_IN_ACTION = "Sign-in"
+UNKNOWN_ACTION = "unknown"  # Activity.action is required; used when the event names none
+
+# ISO 8601 as the services send it: Graph "2020-03-13T19:15:41.6195833Z" (7 fractional digits),
+# the Management API "2015-06-29T20:03:19" (no zone: UTC by its docs) or with a fraction/offset.
+_ISO_TIME = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?"
+    r"\s*(Z|[+-]\d{2}:?\d{2})?$",
+    re.IGNORECASE,
+)
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+# Management API ResultStatus values (compared lower case); workloads differ in wording.
+_RESULT_TRUE = frozenset({"succeeded", "success", "true"})
+_RESULT_FALSE = frozenset({"failed", "false"})
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An aware UTC datetime from the services' ISO 8601 texts, or None if unreadable.
+
+    Any number of fractional digits (Graph sends 7; datetime keeps 6), "Z", an offset, or no
+    zone at all (taken as UTC, as the Management API documents its times).
+    """
+    if not isinstance(value, str):
+        return None
+    match = _ISO_TIME.match(value.strip())
+    if not match:
+        return None
+    day, clock, fraction, zone = match.groups()
+    text = f"{day}T{clock}"
+    if fraction:
+        text += "." + fraction[:6].ljust(6, "0")
+    if zone and zone.upper() != "Z":
+        text += zone if ":" in zone else f"{zone[:3]}:{zone[3:]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:  # e.g. month 13
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 and the like
+        return None
+
+
+def client_ip(value: Any) -> str | None:
+    """The client address without a port: "1.2.3.4:5678", "[2001:db8::1]:443", bare IPv6.
+
+    Anything that is not an IP address (a host name, garbage) gives None; raw keeps it.
+    """
+    text = _text(value)
+    if text is None:
+        return None
+    if text.startswith("["):  # [IPv6] or [IPv6]:port
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:  # IPv4:port (IPv6 always has two colons or more)
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    # An IPv4 client seen through a dual-stack listener: the IPv4 address is the client's.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
+
+
+def raw_json(event: Any) -> str:
+    """The event as compact JSON text. A lone surrogate (hostile "\\ud800" in the answer)
+    cannot be stored as UTF-8: then it stays escaped, which is still the same JSON value."""
+    text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=True)
+    return text
+
+
+def signin_activity(event: Any, source: str = "signIns") -> Activity | None:
+    """A Graph signIn (GET /auditLogs/signIns item), or None without an id or time."""
+    if not isinstance(event, dict):
+        return None
+    event_id, occurred = _identifier(event.get("id")), parse_time(event.get("createdDateTime"))
+    if event_id is None or occurred is None:
+        return None
+    location = _object(event.get("location"))
+    status = _object(event.get("status"))
+    error_code = status.get("errorCode")
+    return Activity(
+        source=source,
+        event_id=event_id,
+        occurred_at=occurred,
+        actor_account_id=_text(event.get("userId")),
+        actor_email=_text(event.get("userPrincipalName")),
+        action=SIGN_IN_ACTION,
+        object_name=_text(event.get("appDisplayName")),
+        object_id=_text(event.get("appId")),
+        ip_address=client_ip(event.get("ipAddress")),
+        country=_country(location.get("countryOrRegion")),
+        city=_text(location.get("city")),
+        user_agent=_device_agent(_object(event.get("deviceDetail"))),
+        # errorCode 0 is success; any other code is a failed or interrupted sign-in.
+        success=(error_code == 0) if _is_int(error_code) else None,
+        raw=raw_json(event),
+    )
+
+
+def directory_audit_activity(event: Any, source: str = "directoryAudits") -> Activity | None:
+    """A Graph directoryAudit (GET /auditLogs/directoryAudits item), or None without an id
+    or time. App-initiated events have no person as actor: actor fields stay None and the
+    app's name is only in raw."""
+    if not isinstance(event, dict):
+        return None
+    event_id, occurred = _identifier(event.get("id")), parse_time(event.get("activityDateTime"))
+    if event_id is None or occurred is None:
+        return None
+    user = _object(_object(event.get("initiatedBy")).get("user"))
+    targets = event.get("targetResources")
+    target = _object(targets[0]) if isinstance(targets, list) and targets else {}
+    result = _text(event.get("result"))
+    result = result.lower() if result else None
+    return Activity(
+        source=source,
+        event_id=event_id,
+        occurred_at=occurred,
+        actor_account_id=_text(user.get("id")),
+        actor_email=_text(user.get("userPrincipalName")),
+        action=_text(event.get("activityDisplayName")) or UNKNOWN_ACTION,
+        object_name=_text(target.get("displayName")) or _text(target.get("userPrincipalName")),
+        object_id=_text(target.get("id")),
+        ip_address=client_ip(user.get("ipAddress")),
+        country=None,
+        city=None,
+        user_agent=None,
+        # Documented values: success, failure, timeout, unknownFutureValue.
+        success=True
+        if result == "success"
+        else False
+        if result in ("failure", "timeout")
+        else None,
+        raw=raw_json(event),
+    )
+
+
+def management_activity(event: Any, content_type: str) -> Activity | None:
+    """An Office 365 Management Activity API record (common schema), or None without an Id
+    or CreationTime. The actor's account id is left to the pipeline (resolved from UserId)."""
+    if not isinstance(event, dict):
+        return None
+    event_id, occurred = _identifier(event.get("Id")), parse_time(event.get("CreationTime"))
+    if event_id is None or occurred is None:
+        return None
+    object_id = _text(event.get("ObjectId"))
+    # Exchange records name the address ClientIPAddress, Entra ID ones ActorIpAddress.
+    ip = next(
+        (
+            found
+            for key in ("ClientIP", "ClientIPAddress", "ActorIpAddress")
+            if (found := client_ip(event.get(key)))
+        ),
+        None,
+    )
+    return Activity(
+        source=content_type,
+        event_id=event_id,
+        occurred_at=occurred,
+        actor_account_id=None,
+        actor_email=_text(event.get("UserId")),
+        action=_text(event.get("Operation")) or UNKNOWN_ACTION,
+        object_name=_text(event.get("SourceFileName")) or _last_segment(object_id),
+        object_id=object_id,
+        ip_address=ip,
+        country=None,
+        city=None,
+        user_agent=_text(event.get("UserAgent")),
+        success=_result_status(event.get("ResultStatus")),
+        raw=raw_json(event),
+    )
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str | None:
+    """A non-blank string, storable as UTF-8 (lone surrogates replaced), else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _identifier(value: Any) -> str | None:
+    if _is_int(value):  # not documented, but a number is still a usable id
+        return str(value)
+    return _text(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _country(value: Any) -> str | None:
+    # Activity.country is ISO 3166-1 alpha-2; anything else (a name, garbage) is dropped.
+    text = _text(value)
+    code = text.upper() if text else None
+    return code if code and _COUNTRY.match(code) else None
+
+
+def _device_agent(device: dict[str, Any]) -> str | None:
+    """Graph has no user agent string: "browser (operating system)", e.g. "Edge 80.0.361
+    (Windows 10)", from what deviceDetail gives."""
+    browser, system = _text(device.get("browser")), _text(device.get("operatingSystem"))
+    if browser and system:
+        return f"{browser} ({system})"
+    return browser or system
+
+
+def _last_segment(object_id: str | None) -> str | None:
+    # SharePoint ObjectIds are URLs of the item: the last path segment is the file's name.
+    if not object_id:
+        return None
+    return _text(object_id.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _result_status(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = _text(value)
+    if text is None:
+        return None
+    lowered = text.lower()
+    return True if lowered in _RESULT_TRUE else False if lowered in _RESULT_FALSE else None

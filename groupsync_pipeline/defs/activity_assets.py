@@ -1,0 +1,133 @@
+"""Assets: audit activities tagged with their actors' groups, and the alerts policies raise."""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+from pydantic import Field
+
+from groupsync_pipeline.activity_ingest import IngestSettings, ingest_connection
+from groupsync_pipeline.alert_emails import send_pending_alert_emails
+from groupsync_pipeline.config import ConfigError
+from groupsync_pipeline.connectors.base import ConnectorError
+from groupsync_pipeline.defs.assets import WAREHOUSE_POOL, imported_group_members
+from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.notifications import SmtpSettings
+from groupsync_pipeline.policies import evaluate_policies, load_policies
+
+
+class ActivitiesConfig(dg.Config):
+    connections: list[str] = Field(
+        default=[], description="Connections whose audit logs to read; empty: all configured."
+    )
+
+
+@dg.asset(
+    pool=WAREHOUSE_POOL,
+    group_name="activities",
+    kinds={"duckdb"},
+    deps=[imported_group_members],
+    description="Audit events of every connection, each tagged with the groups its actor "
+    "belonged to when it happened (tables activities, activity_groups, "
+    "activity_sources_state; views activities_tagged, group_activities; automatic groups "
+    "External and administrators).",
+)
+def activities(
+    context: dg.AssetExecutionContext,
+    config: ActivitiesConfig,
+    connections: ConnectionsResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    try:
+        settings = IngestSettings.from_env()
+    except ConfigError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    chosen = [connections.get(name) for name in config.connections] or connections.all()
+    metadata: dict[str, dg.RawMetadataValue] = {}
+    failures: list[str] = []
+    totals = {"new": 0, "read": 0, "tags": 0}
+    for connection in chosen:
+        name = connection.name
+        try:
+            outcome = ingest_connection(
+                connection, warehouse.get(), settings=settings, log=context.log.info
+            )
+        except (ConnectorError, ConfigError) as exc:
+            failures.append(f"{name}: {exc}")
+            context.log.error(f"{name}: activities not read: {exc}")
+            continue
+        merge = outcome.merge
+        totals["new"] += merge.new
+        totals["read"] += merge.received
+        totals["tags"] += merge.tagging.tags
+        metadata[f"{name} new activities"] = merge.new
+        metadata[f"{name} events read"] = merge.received
+        metadata[f"{name} pages"] = outcome.pages
+        metadata[f"{name} new by source"] = dg.MetadataValue.json(merge.new_by_source)
+        metadata[f"{name} windows"] = dg.MetadataValue.json(outcome.windows)
+        metadata[f"{name} group tags"] = merge.tagging.tags
+        metadata[f"{name} external joined"] = merge.external_joined
+        metadata[f"{name} admins joined/left"] = f"+{merge.admins_joined}/-{merge.admins_left}"
+        metadata[f"{name} seconds"] = round(outcome.duration_seconds, 2)
+        if outcome.gaps:
+            metadata[f"{name} gaps"] = dg.MetadataValue.json(outcome.gaps)
+        for source, error in outcome.errors.items():
+            context.log.warning(f"{name}/{source}: {error}")
+            if source not in ("administrators", "domains"):
+                failures.append(f"{name}/{source}: {error}")
+    metadata["new activities"] = totals["new"]
+    metadata["events read"] = totals["read"]
+    metadata["group tags"] = totals["tags"]
+    if failures:
+        # What was read from the other sources is committed; this run still shows red.
+        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    pool=WAREHOUSE_POOL,
+    group_name="activities",
+    kinds={"duckdb"},
+    deps=[activities],
+    description="Alerts the policies (GROUPSYNC_POLICIES, else the bundled examples) raise on "
+    "new tagged activities (table alerts); emails each policy's recipients.",
+)
+def alerts(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    try:
+        policies = load_policies()
+        smtp = SmtpSettings.from_env()
+    except ConfigError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    store = warehouse.get()
+    with store.write() as conn:
+        result = evaluate_policies(conn, policies, datetime.now(UTC))
+    for warning in result.warnings:
+        context.log.warning(warning)
+    for outcome in result.outcomes:
+        context.log.info(
+            f"policy {outcome.policy!r}: {outcome.status}, {outcome.activities_considered} "
+            f"activities, {outcome.matches} matches, {outcome.alerts_raised} alerts"
+        )
+    # Emails go out after the alerts are committed, in their own short transaction: an email
+    # never describes alerts that a rollback took back.
+    with store.write() as conn:
+        emails = send_pending_alert_emails(conn, policies, smtp, datetime.now(UTC))
+    for outcome in emails.outcomes:
+        if outcome.status != "sent":
+            context.log.warning(
+                f"alert email for {outcome.policy!r} {outcome.status}: {outcome.reason}"
+            )
+    preview = result.alerts[["policy", "severity", "actor_email", "activity_count", "summary"]]
+    return dg.MaterializeResult(
+        metadata={
+            "alerts raised": result.alerts_raised,
+            "by policy": dg.MetadataValue.json(
+                {o.policy: o.alerts_raised for o in result.outcomes}
+            ),
+            "emails sent": emails.sent,
+            "emails failed": emails.failed,
+            "emails skipped": emails.skipped,
+            "preview": dg.MetadataValue.md(preview.head(10).to_markdown(index=False))
+            if len(preview)
+            else dg.MetadataValue.text("no new alerts"),
+        }
+    )

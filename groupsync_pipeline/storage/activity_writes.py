@@ -1,0 +1,441 @@
+"""Writes for audit activities: staging, de-duplicated merge, automatic groups, tagging.
+
+An ingest streams every event it reads into a private staging file (bounded memory), then
+merges in one transaction: events already stored are dropped on (connection, source, event_id),
+actors are resolved to accounts, the automatic groups are brought up to date, and only then
+are the new activities tagged, so an activity is tagged with the groups as they stood when it
+arrived, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from groupsync_pipeline.config import Connection
+from groupsync_pipeline.connectors.base import Account, Activity
+from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
+from groupsync_pipeline.storage.writes import (
+    record_connection,
+    replace_current_members,
+    upsert_incoming_accounts,
+)
+
+_STAGED_DDL = """
+CREATE TABLE IF NOT EXISTS staged_activities (
+    source VARCHAR NOT NULL, event_id VARCHAR NOT NULL, occurred_at TIMESTAMPTZ NOT NULL,
+    actor_account_id VARCHAR, actor_email VARCHAR, action VARCHAR NOT NULL,
+    object_name VARCHAR, object_id VARCHAR, ip_address VARCHAR, country VARCHAR, city VARCHAR,
+    user_agent VARCHAR, success BOOLEAN, raw VARCHAR
+)
+"""
+
+# The automatic groups every connection gets: (suffix of the group id, name).
+EXTERNAL_GROUP = ("auto:external", "External")
+ADMIN_GROUP_NAMES = {
+    "office365": "Office 365 administrators",
+    "google_workspace": "G Suite administrators",
+    "box": "Box administrators",
+    "dropbox": "Dropbox administrators",
+}
+
+
+def automatic_group_id(connection: str, suffix: str) -> str:
+    return f"{connection}:{suffix}"
+
+
+class ActivityStaging:
+    """Streams activity pages into a private DuckDB file in chunks, so memory stays bounded."""
+
+    def __init__(self, path: Path, chunk_rows: int = 50_000) -> None:
+        self.path = path
+        self.chunk_rows = chunk_rows
+        self._buffer: list[Activity] = []
+        self.rows = 0
+        self.pages = 0
+        self._conn = duckdb.connect(str(path))
+        self._conn.execute("SET checkpoint_threshold = '1TB'")  # read once, then deleted
+        self._conn.execute("PRAGMA disable_checkpoint_on_shutdown")
+        self._conn.execute(_STAGED_DDL)
+
+    def add(self, page: list[Activity]) -> None:
+        self.pages += 1
+        self._buffer.extend(page)
+        self.rows += len(page)
+        if len(self._buffer) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        frame = pd.DataFrame.from_records(self._buffer, columns=Activity._fields).astype(
+            {"success": "boolean"}
+        )
+        frame["occurred_at"] = pd.to_datetime(frame["occurred_at"], utc=True)
+        self._conn.register("chunk", frame)
+        self._conn.execute("INSERT INTO staged_activities BY NAME SELECT * FROM chunk")
+        self._conn.unregister("chunk")
+        self._buffer = []
+
+    def discard(self, source: str) -> None:
+        """Forget what was staged from one source (its read failed part way)."""
+        self.flush()
+        self._conn.execute("DELETE FROM staged_activities WHERE source = ?", [source])
+        self.rows = self._conn.execute("SELECT count(*) FROM staged_activities").fetchall()[0][0]
+
+    def close(self) -> None:
+        self.flush()
+        self._conn.close()
+
+    def remove(self) -> None:
+        self._buffer = []
+        try:
+            self._conn.close()
+        finally:
+            for suffix in ("", ".wal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """What one audit log's read covered, to be saved with the merge."""
+
+    source: str
+    read_until: datetime
+    events_read: int
+    gap_before: datetime | None = None  # the app no longer had events back to the last read
+
+
+@dataclass
+class ActivityMergeResult:
+    received: int = 0  # staged events, repeats included
+    new: int = 0  # stored for the first time
+    resolved_actors: int = 0  # new activities whose account was found from a name or email
+    located: int = 0  # new activities given the country of a sign-in from the same address
+    external_joined: int = 0
+    admins_joined: int = 0
+    admins_left: int = 0
+    new_by_source: dict[str, int] = field(default_factory=dict)
+    tagging: TaggingResult = field(default_factory=lambda: TaggingResult(0, 0, 0))
+
+
+def ensure_automatic_groups(
+    conn: duckdb.DuckDBPyConnection, connection: Connection, now: datetime
+) -> dict[str, str]:
+    """Create the connection's automatic groups if new; returns {kind: group_id}.
+
+    ``imported_at`` of an automatic group is when groupsync created it: tags start there.
+    """
+    groups = {
+        "external": (automatic_group_id(connection.name, EXTERNAL_GROUP[0]), EXTERNAL_GROUP[1])
+    }
+    admin_name = ADMIN_GROUP_NAMES.get(connection.app)
+    if admin_name:
+        groups["administrators"] = (automatic_group_id(connection.name, "auto:admins"), admin_name)
+    for group_id, name in groups.values():
+        conn.execute(
+            """
+            INSERT INTO user_groups (group_id, name, type, connection, remote_group_id,
+                                     imported_at, last_synced_at, member_count, deleted_at)
+            VALUES (?, ?, 'automatic', ?, NULL, ?, NULL, 0, NULL)
+            ON CONFLICT (group_id) DO NOTHING
+            """,
+            [group_id, name, connection.name, now],
+        )
+    return {kind: group_id for kind, (group_id, _) in groups.items()}
+
+
+def _load_admins(conn: duckdb.DuckDBPyConnection, admins: list[Account]) -> None:
+    frame = pd.DataFrame.from_records(admins, columns=Account._fields).astype(
+        {"is_external": "bool", "enabled": "boolean", "account_id": "str"}
+    )
+    conn.register("admins_frame", frame)
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE incoming AS "
+        "SELECT DISTINCT ON (account_id) * FROM admins_frame"
+    )
+    conn.unregister("admins_frame")
+
+
+def merge_activities(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    connection: Connection,
+    staging: ActivityStaging,
+    reads: list[SourceRead],
+    verified_domains: list[str] | None,
+    admins: list[Account] | None,
+    now: datetime,
+) -> ActivityMergeResult:
+    """Store the staged events not stored yet, update automatic groups, tag the new ones.
+
+    Runs inside the caller's transaction. ``admins`` None: the admin list could not be read,
+    so the administrators group is left as it was. ``verified_domains`` None or empty: only
+    guests and #EXT# accounts count as external.
+    """
+    staging.close()
+    result = ActivityMergeResult()
+    record_connection(conn, connection, now)
+    groups = ensure_automatic_groups(conn, connection, now)
+
+    if admins is not None and "administrators" in groups:
+        _load_admins(conn, admins)
+        upsert_incoming_accounts(conn, connection.name, now)
+        result.admins_joined, result.admins_left = replace_current_members(
+            conn, groups["administrators"], connection.name, now
+        )
+        conn.execute("DROP TABLE incoming")
+        conn.execute(
+            "UPDATE user_groups SET last_synced_at = ? WHERE group_id = ?",
+            [now, groups["administrators"]],
+        )
+
+    quoted = str(staging.path).replace("'", "''")
+    conn.execute(f"ATTACH '{quoted}' AS activity_staging (READ_ONLY)")
+    try:
+        # One row per event: a window can hand the same event over twice.
+        conn.execute(
+            "CREATE OR REPLACE TEMP TABLE incoming_activities AS "
+            "SELECT DISTINCT ON (source, event_id) * FROM activity_staging.staged_activities"
+        )
+    finally:
+        conn.execute("DETACH activity_staging")
+    received, earliest = conn.execute(
+        "SELECT count(*), min(occurred_at) FROM incoming_activities"
+    ).fetchall()[0]
+    result.received = staging.rows
+    if received:
+        # A repeat has the same time as the stored event: only stored rows from the batch's
+        # earliest time on need checking (the scan skips older row groups by their min/max).
+        conn.execute(
+            """
+            DELETE FROM incoming_activities AS i
+            WHERE EXISTS (
+                SELECT 1 FROM activities AS e
+                WHERE e.connection = $connection AND e.occurred_at >= $earliest
+                  AND e.source = i.source AND e.event_id = i.event_id
+            )
+            """,
+            {"connection": connection.name, "earliest": earliest},
+        )
+        result.resolved_actors = _resolve_actors(conn, connection.name, now)
+        result.located = _locate_from_sign_ins(conn, connection.name, earliest)
+        result.external_joined = _join_external(
+            conn, connection.name, groups["external"], verified_domains or [], now
+        )
+        result.new = conn.execute(
+            """
+            INSERT INTO activities
+            SELECT coalesce((SELECT max(activity_id) FROM activities), 0)
+                       + row_number() OVER (ORDER BY occurred_at, source, event_id),
+                   $connection, $app, source, event_id, occurred_at, actor_account_id,
+                   actor_email, action, object_name, object_id, ip_address, country, city,
+                   user_agent, success, raw, $now
+            FROM incoming_activities
+            """,
+            {"connection": connection.name, "app": connection.app, "now": now},
+        ).fetchall()[0][0]
+        result.new_by_source = dict(
+            conn.execute(
+                "SELECT source, count(*) FROM incoming_activities GROUP BY source"
+            ).fetchall()
+        )
+    conn.execute("DROP TABLE IF EXISTS incoming_activities")
+
+    for read in reads:
+        conn.execute(
+            """
+            INSERT INTO activity_sources_state (connection, source, read_until, last_read_at,
+                                                events_read, events_new, gap_before)
+            VALUES ($connection, $source, $until, $now, $read, $new, $gap)
+            ON CONFLICT (connection, source) DO UPDATE SET read_until = excluded.read_until,
+                last_read_at = excluded.last_read_at, events_read = excluded.events_read,
+                events_new = excluded.events_new,
+                gap_before = coalesce(excluded.gap_before, activity_sources_state.gap_before)
+            """,
+            {
+                "connection": connection.name,
+                "source": read.source,
+                "until": read.read_until,
+                "now": now,
+                "read": read.events_read,
+                "new": result.new_by_source.get(read.source, 0),
+                "gap": read.gap_before,
+            },
+        )
+    conn.execute(
+        """
+        UPDATE user_groups SET member_count = (
+            SELECT count(*) FROM group_memberships AS m
+            WHERE m.group_id = user_groups.group_id AND m.valid_to IS NULL)
+        WHERE type = 'automatic' AND connection = ?
+        """,
+        [connection.name],
+    )
+    result.tagging = tag_new_activities(conn)
+    return result
+
+
+def _resolve_actors(conn: duckdb.DuckDBPyConnection, connection: str, now: datetime) -> int:
+    """Fill in the account of events that name their actor only by sign-in name or email.
+
+    File events (Management Activity API) carry the user's sign-in name, not the directory id.
+    Known accounts match on sign-in name or email; otherwise an id the app itself paired with
+    that name in a sign-in wins. Outside people who have no account in the directory (a
+    shared link opened by someone@partner.example) get an account keyed by their lower-case
+    email, so they can be members of the External group.
+    """
+    conn.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE actor_names AS
+        WITH wanted AS (
+            SELECT DISTINCT lower(actor_email) AS name FROM incoming_activities
+            WHERE actor_account_id IS NULL AND actor_email IS NOT NULL
+        ),
+        known AS (
+            SELECT lower(user_principal_name) AS name, account_id, 1 AS rank
+            FROM accounts WHERE connection = $connection AND user_principal_name IS NOT NULL
+            UNION ALL
+            SELECT lower(email), account_id, 2 FROM accounts
+            WHERE connection = $connection AND email IS NOT NULL
+            UNION ALL
+            SELECT lower(actor_email), actor_account_id, 3 FROM incoming_activities
+            WHERE actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+            UNION ALL
+            SELECT lower(actor_email), actor_account_id, 4 FROM activities
+            WHERE connection = $connection AND source = 'signIns'
+              AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+              AND lower(actor_email) IN (SELECT name FROM wanted)
+        )
+        SELECT k.name, arg_min(k.account_id, k.rank) AS account_id
+        FROM known AS k JOIN wanted AS w ON w.name = k.name
+        GROUP BY k.name
+        """,
+        {"connection": connection},
+    )
+    resolved = conn.execute(
+        """
+        UPDATE incoming_activities AS i SET actor_account_id = n.account_id
+        FROM actor_names AS n
+        WHERE i.actor_account_id IS NULL AND lower(i.actor_email) = n.name
+        """
+    ).fetchall()[0][0]
+    conn.execute("DROP TABLE actor_names")
+    return int(resolved)
+
+
+def _join_external(
+    conn: duckdb.DuckDBPyConnection,
+    connection: str,
+    group_id: str,
+    verified_domains: list[str],
+    now: datetime,
+) -> int:
+    """Put the outside people acting in these events into the External group.
+
+    External: an account marked external (guest, #EXT#), a sign-in name carrying #EXT#, or an
+    email whose domain is not one of the organisation's verified domains. The membership
+    starts at the person's earliest new activity (not before the group existed) and never
+    ends: having acted from outside is a fact about the past.
+    """
+    conn.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE external_actors AS
+        SELECT coalesce(i.actor_account_id, lower(i.actor_email)) AS account_id,
+               any_value(i.actor_email) AS email,
+               any_value(i.actor_account_id) IS NULL AS email_only,
+               min(i.occurred_at) AS first_at
+        FROM incoming_activities AS i
+        LEFT JOIN accounts AS a
+          ON a.connection = $connection AND a.account_id = i.actor_account_id
+        WHERE coalesce(i.actor_account_id, i.actor_email) IS NOT NULL
+          AND (
+            coalesce(a.is_external, false)
+            OR contains(lower(coalesce(i.actor_email, a.user_principal_name, '')), '#ext#')
+            OR (len($domains) > 0 AND contains(coalesce(i.actor_email, ''), '@')
+                AND NOT list_contains($domains,
+                                      lower(split_part(i.actor_email, '@', -1))))
+          )
+        GROUP BY 1
+        """,
+        {"connection": connection, "domains": verified_domains},
+    )
+    # Outside people with no directory account: keyed by email from now on.
+    conn.execute(
+        """
+        INSERT INTO accounts (connection, account_id, email, display_name, user_principal_name,
+                              user_type, is_external, enabled, first_seen_at, last_seen_at)
+        SELECT $connection, x.account_id, x.email, NULL, NULL, 'External', true, NULL, $now, $now
+        FROM external_actors AS x
+        WHERE x.email_only AND x.account_id NOT IN (
+            SELECT account_id FROM accounts WHERE connection = $connection)
+        """,
+        {"connection": connection, "now": now},
+    )
+    conn.execute(
+        """
+        UPDATE incoming_activities SET actor_account_id = lower(actor_email)
+        WHERE actor_account_id IS NULL
+          AND lower(actor_email) IN (SELECT account_id FROM external_actors WHERE email_only)
+        """
+    )
+    joined = conn.execute(
+        """
+        INSERT INTO group_memberships (group_id, connection, account_id, valid_from, valid_to)
+        SELECT $group_id, $connection, x.account_id, greatest(x.first_at, g.imported_at), NULL
+        FROM external_actors AS x, user_groups AS g
+        WHERE g.group_id = $group_id
+          AND x.account_id NOT IN (
+            SELECT account_id FROM group_memberships WHERE group_id = $group_id)
+        """,
+        {"group_id": group_id, "connection": connection},
+    ).fetchall()[0][0]
+    conn.execute("DROP TABLE external_actors")
+    if joined:
+        conn.execute(
+            "UPDATE user_groups SET last_synced_at = ? WHERE group_id = ?", [now, group_id]
+        )
+    return int(joined)
+
+
+SIGN_IN_LOCATION_WINDOW = "24 hours"
+
+
+def _locate_from_sign_ins(
+    conn: duckdb.DuckDBPyConnection, connection: str, earliest: datetime
+) -> int:
+    """Give events the app does not geolocate the place of a sign-in from the same address.
+
+    File events and directory audits carry an IP address but no country. The latest
+    geolocated sign-in from that address at or before the event, within 24 hours, lends its
+    country and city (an as-of join): what "did an admin act from outside the US" needs.
+    """
+    return int(
+        conn.execute(
+            f"""
+            UPDATE incoming_activities AS i SET country = g.country, city = g.city
+            FROM (
+                SELECT e.source, e.event_id, s.country, s.city
+                FROM (SELECT * FROM incoming_activities
+                      WHERE country IS NULL AND ip_address IS NOT NULL) AS e
+                ASOF JOIN (
+                    SELECT ip_address, occurred_at, country, city FROM activities
+                    WHERE connection = $connection AND source = 'signIns'
+                      AND country IS NOT NULL AND ip_address IS NOT NULL
+                      AND occurred_at >= $earliest - INTERVAL '{SIGN_IN_LOCATION_WINDOW}'
+                    UNION ALL
+                    SELECT ip_address, occurred_at, country, city FROM incoming_activities
+                    WHERE source = 'signIns' AND country IS NOT NULL AND ip_address IS NOT NULL
+                ) AS s
+                  ON s.ip_address = e.ip_address AND e.occurred_at >= s.occurred_at
+                WHERE e.occurred_at - s.occurred_at <= INTERVAL '{SIGN_IN_LOCATION_WINDOW}'
+            ) AS g
+            WHERE i.source = g.source AND i.event_id = g.event_id
+            """,
+            {"connection": connection, "earliest": earliest},
+        ).fetchall()[0][0]
+    )

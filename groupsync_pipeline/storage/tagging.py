@@ -1,0 +1,67 @@
+"""Tag activities with the groups their actor belonged to, from the membership history.
+
+The rule, applied once per activity when it is first tagged and never revisited:
+
+    an activity is tagged with group G when
+        the actor had a membership interval in G with valid_from <= occurred_at < valid_to
+        (valid_to NULL: still a member), and
+        G's imported_at (automatic groups: when groupsync created it) <= occurred_at.
+
+Intervals are half-open, so a join at exactly the activity's time tags it and a leave at
+exactly that time does not; an import committed at exactly that time tags it. History is what
+groupsync knew: intervals open and close when a sync commits, not when the app changed.
+
+Tagging is incremental: activities with an id above ``_tagging_state.tagged_through`` are
+tagged in one set-based INSERT ... SELECT (a hash join on the actor, then the interval test),
+so no Python touches a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+# One statement: the planner hashes the (small) interval side and streams activities past it.
+# coalesce(valid_to, 'infinity') keeps the predicate a plain range test (no OR).
+_TAG_SQL = """
+INSERT INTO activity_groups (activity_id, group_id)
+SELECT a.activity_id, m.group_id
+FROM activities AS a
+JOIN group_memberships AS m
+  ON m.connection = a.connection
+ AND m.account_id = a.actor_account_id
+ AND m.valid_from <= a.occurred_at
+ AND a.occurred_at < coalesce(m.valid_to, 'infinity'::TIMESTAMPTZ)
+JOIN user_groups AS g
+  ON g.group_id = m.group_id
+ AND g.imported_at <= a.occurred_at
+WHERE a.activity_id > $after AND a.activity_id <= $through
+"""
+
+
+@dataclass(frozen=True)
+class TaggingResult:
+    activities: int  # activities tagged in this call (with or without any group)
+    tags: int  # (activity, group) rows written
+    tagged_through: int  # the highest activity_id tagged so far
+
+
+def tagged_through(conn: duckdb.DuckDBPyConnection) -> int:
+    row = conn.execute("SELECT max(tagged_through) FROM _tagging_state").fetchall()[0]
+    return int(row[0] or 0)
+
+
+def tag_new_activities(conn: duckdb.DuckDBPyConnection) -> TaggingResult:
+    """Tag the activities not tagged yet. Runs inside the caller's transaction."""
+    after = tagged_through(conn)
+    through, count = conn.execute(
+        "SELECT max(activity_id), count(*) FROM activities WHERE activity_id > $after",
+        {"after": after},
+    ).fetchall()[0]
+    if not count:
+        return TaggingResult(0, 0, after)
+    tags = conn.execute(_TAG_SQL, {"after": after, "through": through}).fetchall()[0][0]
+    conn.execute("DELETE FROM _tagging_state")
+    conn.execute("INSERT INTO _tagging_state VALUES ($through)", {"through": through})
+    return TaggingResult(int(count), int(tags), int(through))

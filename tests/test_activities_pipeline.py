@@ -1,0 +1,167 @@
+"""The activities and alerts assets as real Dagster runs against a sandbox tenant over HTTPS:
+ingest from the four audit logs, tagging, automatic groups, policies, retries and faults."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from groupsync_pipeline.sandbox.graph import GraphSandbox
+from tests.conftest import SECRET_ENV, write_connections
+from tests.pipeline_helpers import failure_message, import_group, query, run_job
+
+SOURCES = {"signIns", "directoryAudits", "Audit.SharePoint", "Audit.General"}
+
+
+@pytest.fixture(scope="module")
+def quiet_tenant() -> Iterator[GraphSandbox]:
+    """A tenant with no synthetic stream: only the events a test injects."""
+    # Blobs every 2 s: file events are listed seconds after they happen, not 5-15 minutes.
+    with GraphSandbox(activity_rate=0, management_slot_seconds=2) as tenant:
+        yield tenant
+
+
+@pytest.fixture
+def env(tmp_path: Path, quiet_tenant: GraphSandbox, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(SECRET_ENV, quiet_tenant.client_secret)
+    monkeypatch.delenv("GROUPSYNC_POLICIES", raising=False)
+    monkeypatch.delenv("GROUPSYNC_SMTP_HOST", raising=False)
+    quiet_tenant.activity.clear_injected()
+    connections = write_connections(tmp_path / "connections.yaml", quiet_tenant)
+    data_dir = tmp_path / "data"
+    with dg.instance_for_test() as instance:
+        yield instance, connections, data_dir
+    quiet_tenant.activity.clear_injected()
+
+
+def ingest(env) -> dg.ExecuteInProcessResult:
+    instance, connections, data_dir = env
+    return run_job(instance, "ingest_activities", {}, connections, data_dir)
+
+
+def tags_by_event(data_dir: Path) -> dict[str, list[str]]:
+    return dict(query(data_dir, "SELECT event_id, groups FROM activities_tagged"))
+
+
+def test_ingest_tags_by_group_and_raises_the_example_alerts(
+    env, quiet_tenant: GraphSandbox
+) -> None:
+    instance, connections, data_dir = env
+    stream = quiet_tenant.activity
+    org = quiet_tenant.org
+    hr_member = next(u for u in org.transitive_user_ids(org.group_by_name("HR").id))
+    hr_upn = org.users[hr_member].user_principal_name
+    before_import = stream.add_file_event(hr_upn, time.time() - 60, "FileAccessed", "Old.docx")
+    assert import_group(instance, "HR", connections, data_dir).success
+
+    first = ingest(env)
+    assert first.success, failure_message(first)
+    # The automatic groups exist from this first ingest on.
+    automatic = dict(query(data_dir, "SELECT name, type FROM user_groups WHERE type='automatic'"))
+    assert automatic == {"External": "automatic", "Office 365 administrators": "automatic"}
+
+    admin = sorted(org.direct_admin_user_ids())[0]
+    guest = next(u.id for u in org.users.values() if u.user_type == "Guest")
+    now = time.time()
+    hr_read = stream.add_file_event(hr_upn, now, "FileAccessed", "Salary bands 2026.xlsx")
+    hr_sign_in = stream.add_sign_in(hr_member, now, country="US", ip="203.0.113.10")
+    admin_abroad = stream.add_sign_in(admin, now, country="NG", city="Lagos", ip="198.51.100.7")
+    admin_change = stream.add_directory_audit(admin, now, "Reset user password", ip="198.51.100.7")
+    guest_read = stream.add_file_event(
+        org.users[guest].user_principal_name, now, "FileDownloaded", "Price list.xlsx"
+    )
+    outsider = stream.add_file_event("someone@partner.example", now, "FileAccessed", "Deck.pptx")
+
+    time.sleep(2.1)  # the blob slot holding the file events has ended
+    second = ingest(env)
+    assert second.success, failure_message(second)
+    sources = dict(query(data_dir, "SELECT source, count(*) FROM activities GROUP BY source"))
+    assert set(sources) == {"signIns", "directoryAudits", "Audit.SharePoint"}
+    tags = {
+        event_id: groups
+        for event_id, groups in query(data_dir, "SELECT event_id, groups FROM activities_tagged")
+    }
+
+    def tagged(event_id: str) -> list[str]:
+        (match,) = [groups for key, groups in tags.items() if event_id in key]
+        return match
+
+    assert tagged(before_import) == []  # HR was imported after it happened
+    assert tagged(hr_read) == ["HR"]
+    assert tagged(hr_sign_in) == ["HR"]
+    assert "Office 365 administrators" in tagged(admin_abroad)
+    assert "Office 365 administrators" in tagged(admin_change)
+    assert tagged(guest_read) == ["External"]
+    assert tagged(outsider) == ["External"]
+    # The directory audit carries only an address: it takes the place of the sign-in from it.
+    located = query(
+        data_dir, "SELECT country, city FROM activities WHERE source = 'directoryAudits'"
+    )
+    assert located == [("NG", "Lagos")]
+
+    alerts = query(
+        data_dir, "SELECT policy, actor_account_id, activity_count FROM alerts ORDER BY policy"
+    )
+    assert alerts == [
+        ("Administrator outside the US", admin, 2),
+        ("HR documents opened", hr_member, 1),
+    ]
+
+    # Nothing new: nothing stored twice, no alert twice.
+    third = ingest(env)
+    assert third.success, failure_message(third)
+    assert query(data_dir, "SELECT count(*), count(DISTINCT event_id) FROM activities") == [
+        (sum(sources.values()) + 0, sum(sources.values()))
+    ]
+    assert query(data_dir, "SELECT count(*) FROM alerts") == [(2,)]
+
+
+def test_a_failing_log_keeps_its_place_and_the_others_commit(
+    env, quiet_tenant: GraphSandbox
+) -> None:
+    instance, connections, data_dir = env
+    assert ingest(env).success
+    first_state = dict(query(data_dir, "SELECT source, read_until FROM activity_sources_state"))
+    assert set(first_state) == SOURCES
+
+    user = next(iter(quiet_tenant.org.users))
+    signed_in = quiet_tenant.activity.add_sign_in(user, time.time(), country="US")
+    audited = quiet_tenant.activity.add_directory_audit(user, time.time(), "Update user")
+    # A 403 (e.g. a tenant without an Entra ID P1 licence) fails the log at once.
+    quiet_tenant.faults.add("error", path="/auditLogs/signIns", status=403, count=5)
+    failed = ingest(env)
+    quiet_tenant.faults.clear()
+    assert not failed.success
+    assert "signIns" in failure_message(failed)
+    state = dict(query(data_dir, "SELECT source, read_until FROM activity_sources_state"))
+    assert state["signIns"] == first_state["signIns"]  # not moved: the next run reads again
+    assert state["directoryAudits"] > first_state["directoryAudits"]
+    stored = [row[0] for row in query(data_dir, "SELECT event_id FROM activities")]
+    assert any(audited in e for e in stored)
+    assert not any(signed_in in e for e in stored)
+
+    recovered = ingest(env)
+    assert recovered.success, failure_message(recovered)
+    stored = [row[0] for row in query(data_dir, "SELECT event_id FROM activities")]
+    assert sum(signed_in in e for e in stored) == 1
+    assert sum(audited in e for e in stored) == 1
+
+
+def test_an_event_published_late_is_read_by_the_overlap(env, quiet_tenant: GraphSandbox) -> None:
+    user = next(iter(quiet_tenant.org.users))
+    happened = time.time() - 120
+    # The log publishes it only after the first read is done.
+    late = quiet_tenant.activity.add_sign_in(
+        user, happened, country="US", visible_at=time.time() + 3
+    )
+    assert ingest(env).success
+    _, _, data_dir = env
+    assert query(data_dir, "SELECT count(*) FROM activities") == [(0,)]
+    time.sleep(3.5)
+    assert ingest(env).success
+    rows = query(data_dir, "SELECT event_id FROM activities")
+    assert len(rows) == 1 and late in rows[0][0]

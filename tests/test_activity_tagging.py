@@ -1,0 +1,372 @@
+"""Storing and tagging activities: the import-time rule, boundaries, repeats, late events,
+automatic groups. Real DuckDB files; the merge is the one the pipeline runs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from groupsync_pipeline.config import Connection
+from groupsync_pipeline.connectors.base import Account, Activity
+from groupsync_pipeline.storage.activity_writes import (
+    ActivityStaging,
+    SourceRead,
+    merge_activities,
+)
+from groupsync_pipeline.storage.warehouse import Warehouse
+
+CONTOSO = Connection(name="contoso", app="office365")
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+DOMAINS = ["contoso.example", "contoso.onmicrosoft.com"]
+
+
+def event(
+    event_id: str,
+    at: datetime,
+    actor: str | None = "u-ann",
+    email: str | None = "ann@contoso.example",
+    source: str = "signIns",
+    action: str = "Sign-in",
+    country: str | None = "US",
+) -> Activity:
+    raw = json.dumps({"id": event_id})
+    return Activity(
+        source,
+        event_id,
+        at,
+        actor,
+        email,
+        action,
+        None,
+        None,
+        "203.0.113.9",
+        country,
+        None,
+        None,
+        True,
+        raw,
+    )
+
+
+def ingest(
+    warehouse: Warehouse,
+    events: list[Activity],
+    now: datetime,
+    admins: list[Account] | None = None,
+    domains: list[str] | None = DOMAINS,
+):
+    staging = ActivityStaging(warehouse.staging_path())
+    try:
+        staging.add(events)
+        with warehouse.write() as conn:
+            return merge_activities(
+                conn,
+                connection=CONTOSO,
+                staging=staging,
+                reads=[SourceRead("signIns", now, len(events))],
+                verified_domains=domains,
+                admins=admins,
+                now=now,
+            )
+    finally:
+        staging.remove()
+
+
+def add_group(warehouse: Warehouse, name: str, imported_at: datetime, intervals: list) -> str:
+    """An imported group with membership intervals [(account, valid_from, valid_to)]."""
+    group_id = f"contoso:{name.lower()}"
+    with warehouse.write() as conn:
+        conn.execute(
+            "INSERT INTO user_groups VALUES (?, ?, 'imported', 'contoso', ?, ?, ?, 0, NULL)",
+            [group_id, name, name.lower(), imported_at, imported_at],
+        )
+        for account, start, end in intervals:
+            conn.execute(
+                "INSERT INTO group_memberships VALUES (?, 'contoso', ?, ?, ?)",
+                [group_id, account, start, end],
+            )
+    return group_id
+
+
+def tags(warehouse: Warehouse) -> dict[str, list[str]]:
+    with warehouse.read() as conn:
+        rows = conn.execute(
+            "SELECT event_id, groups FROM activities_tagged ORDER BY event_id"
+        ).fetchall()
+    return dict(rows)
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Warehouse:
+    return Warehouse(tmp_path)
+
+
+def test_boundaries_join_and_leave_exactly_at_the_activity(warehouse: Warehouse) -> None:
+    joined, left = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    add_group(warehouse, "HR", T0, [("u-ann", joined, left)])
+    ingest(
+        warehouse,
+        [
+            event("before-join", joined - timedelta(microseconds=1)),
+            event("at-join", joined),
+            event("inside", joined + timedelta(minutes=30)),
+            event("before-leave", left - timedelta(microseconds=1)),
+            event("at-leave", left),
+        ],
+        now=T0 + timedelta(hours=3),
+    )
+    assert tags(warehouse) == {
+        "before-join": [],
+        "at-join": ["HR"],  # valid_from is inclusive
+        "inside": ["HR"],
+        "before-leave": ["HR"],
+        "at-leave": [],  # valid_to is exclusive
+    }
+
+
+def test_a_group_tags_only_activities_at_or_after_its_import(warehouse: Warehouse) -> None:
+    # The interval starts before the import here on purpose: the import time still rules.
+    add_group(warehouse, "Finance", T0, [("u-ann", T0 - timedelta(days=1), None)])
+    ingest(
+        warehouse,
+        [event("before-import", T0 - timedelta(seconds=1)), event("at-import", T0)],
+        now=T0 + timedelta(hours=1),
+    )
+    assert tags(warehouse) == {"before-import": [], "at-import": ["Finance"]}
+
+
+def test_importing_later_never_tags_older_activities(warehouse: Warehouse) -> None:
+    ingest(warehouse, [event("old", T0)], now=T0 + timedelta(minutes=5))
+    imported = T0 + timedelta(hours=1)
+    add_group(warehouse, "Executives", imported, [("u-ann", imported, None)])
+    ingest(
+        warehouse,
+        [event("new", imported + timedelta(minutes=1))],
+        now=imported + timedelta(hours=1),
+    )
+    assert tags(warehouse) == {"old": [], "new": ["Executives"]}
+    # Tagging again (another run with nothing new) changes nothing.
+    ingest(warehouse, [], now=imported + timedelta(hours=2))
+    assert tags(warehouse) == {"old": [], "new": ["Executives"]}
+
+
+def test_repeats_are_stored_once_and_keep_their_ids(warehouse: Warehouse) -> None:
+    add_group(warehouse, "HR", T0, [("u-ann", T0, None)])
+    first = [event(f"e{i}", T0 + timedelta(minutes=i)) for i in range(5)]
+    result = ingest(warehouse, first + first[:2], now=T0 + timedelta(hours=1))
+    assert (result.received, result.new) == (7, 5)
+    with warehouse.read() as conn:
+        before = conn.execute("SELECT activity_id, event_id FROM activities ORDER BY 1").fetchall()
+    # The next read overlaps the last one: the same five come again, plus one new.
+    again = ingest(
+        warehouse, [*first, event("e5", T0 + timedelta(minutes=50))], now=T0 + timedelta(hours=2)
+    )
+    assert (again.received, again.new) == (6, 1)
+    with warehouse.read() as conn:
+        after = conn.execute("SELECT activity_id, event_id FROM activities ORDER BY 1").fetchall()
+        tag_rows = conn.execute("SELECT count(*) FROM activity_groups").fetchall()[0][0]
+    assert after[:5] == before
+    assert after[5][1] == "e5" and after[5][0] > before[-1][0]
+    assert tag_rows == 6  # every activity tagged exactly once
+
+
+def test_a_late_event_inside_the_overlap_is_stored_and_tagged_by_its_own_time(
+    warehouse: Warehouse,
+) -> None:
+    left = T0 + timedelta(minutes=30)
+    add_group(warehouse, "HR", T0, [("u-ann", T0, left)])
+    ingest(warehouse, [event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=1))
+    # Published late: it happened while Ann was still in HR, and arrives after she left.
+    late = event("late", T0 + timedelta(minutes=10))
+    result = ingest(
+        warehouse, [late, event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=2)
+    )
+    assert result.new == 1
+    assert tags(warehouse) == {"late": ["HR"], "on-time": []}
+
+
+def test_file_events_find_their_actor_by_sign_in_name(warehouse: Warehouse) -> None:
+    add_group(warehouse, "HR", T0, [("u-bob", T0, None)])
+    with warehouse.write() as conn:
+        conn.execute(
+            "INSERT INTO accounts VALUES ('contoso', 'u-bob', 'Bob@Contoso.example', 'Bob', "
+            "'bob@contoso.example', 'Member', false, true, ?, ?)",
+            [T0, T0],
+        )
+    file_event = event(
+        "file-1",
+        T0 + timedelta(minutes=5),
+        actor=None,
+        email="BOB@contoso.example",
+        source="Audit.SharePoint",
+        action="FileAccessed",
+        country=None,
+    )
+    # Someone only a sign-in has named so far: the app's own pairing of name and id is used.
+    signin = event(
+        "signin-1", T0 + timedelta(minutes=1), actor="u-cat", email="cat@contoso.example"
+    )
+    cat_file = event(
+        "file-2",
+        T0 + timedelta(minutes=6),
+        actor=None,
+        email="cat@contoso.example",
+        source="Audit.SharePoint",
+        action="FileAccessed",
+    )
+    result = ingest(warehouse, [file_event, signin, cat_file], now=T0 + timedelta(hours=1))
+    assert result.resolved_actors == 2
+    with warehouse.read() as conn:
+        actors = dict(conn.execute("SELECT event_id, actor_account_id FROM activities").fetchall())
+    assert actors == {"file-1": "u-bob", "signin-1": "u-cat", "file-2": "u-cat"}
+    assert tags(warehouse)["file-1"] == ["HR"]
+
+
+def test_external_group_starts_when_created_and_holds_outside_people(
+    warehouse: Warehouse,
+) -> None:
+    created = T0
+    ingest(warehouse, [], now=created)  # the first ingest creates the automatic groups
+    guest = event(
+        "guest",
+        T0 + timedelta(minutes=1),
+        actor="u-guest",
+        email="pat_partner.example#EXT#@contoso.onmicrosoft.com",
+    )
+    outsider = event(
+        "outsider",
+        T0 + timedelta(minutes=2),
+        actor=None,
+        email="Someone@Partner.example",
+        source="Audit.SharePoint",
+        action="FileAccessed",
+        country=None,
+    )
+    before = event(
+        "outsider-before",
+        T0 - timedelta(minutes=1),
+        actor=None,
+        email="someone@partner.example",
+        source="Audit.SharePoint",
+        action="FileAccessed",
+        country=None,
+    )
+    staff = event("staff", T0 + timedelta(minutes=3))
+    result = ingest(warehouse, [guest, outsider, before, staff], now=T0 + timedelta(hours=1))
+    assert result.external_joined == 2
+    assert tags(warehouse) == {
+        "guest": ["External"],
+        "outsider": ["External"],
+        "outsider-before": [],  # before the group existed: automatic groups tag from creation
+        "staff": [],
+    }
+    with warehouse.read() as conn:
+        outsider_account = conn.execute(
+            "SELECT account_id, is_external FROM accounts WHERE email = 'Someone@Partner.example'"
+        ).fetchall()
+    assert outsider_account == [("someone@partner.example", True)]
+
+
+def test_no_verified_domains_means_only_guests_are_external(warehouse: Warehouse) -> None:
+    ingest(warehouse, [], now=T0, domains=None)
+    result = ingest(
+        warehouse,
+        [event("a", T0 + timedelta(minutes=1), email="ann@elsewhere.example")],
+        now=T0 + timedelta(hours=1),
+        domains=None,
+    )
+    assert result.external_joined == 0
+
+
+def test_administrators_group_follows_the_role_holders(warehouse: Warehouse) -> None:
+    ann = Account(
+        "u-ann", "ann@contoso.example", "Ann", "ann@contoso.example", "Member", False, True
+    )
+    bob = Account(
+        "u-bob", "bob@contoso.example", "Bob", "bob@contoso.example", "Member", False, True
+    )
+    first = ingest(warehouse, [], now=T0, admins=[ann, bob])
+    assert (first.admins_joined, first.admins_left) == (2, 0)
+    later = T0 + timedelta(hours=1)
+    second = ingest(
+        warehouse,
+        [event("ann-abroad", later + timedelta(minutes=1), country="NG")],
+        now=later + timedelta(minutes=5),
+        admins=[ann],
+    )
+    assert (second.admins_joined, second.admins_left) == (0, 1)
+    # Not read (e.g. a missing permission): the group is left as it was.
+    third = ingest(warehouse, [], now=later + timedelta(hours=1), admins=None)
+    assert (third.admins_joined, third.admins_left) == (0, 0)
+    with warehouse.read() as conn:
+        members = conn.execute(
+            "SELECT account_id, valid_to IS NULL FROM group_memberships "
+            "WHERE group_id = 'contoso:auto:admins' ORDER BY 1"
+        ).fetchall()
+        count = conn.execute(
+            "SELECT member_count FROM user_groups WHERE group_id = 'contoso:auto:admins'"
+        ).fetchall()
+    assert members == [("u-ann", True), ("u-bob", False)]
+    assert count == [(1,)]
+    assert tags(warehouse) == {"ann-abroad": ["Office 365 administrators"]}
+
+
+def test_a_failed_merge_stores_nothing(warehouse: Warehouse) -> None:
+    ingest(warehouse, [event("kept", T0)], now=T0 + timedelta(minutes=5))
+    staging = ActivityStaging(warehouse.staging_path())
+    staging.add([event("lost", T0 + timedelta(minutes=1))])
+    with pytest.raises(RuntimeError, match="crash"), warehouse.write() as conn:
+        merge_activities(
+            conn,
+            connection=CONTOSO,
+            staging=staging,
+            reads=[SourceRead("signIns", T0 + timedelta(hours=1), 1)],
+            verified_domains=DOMAINS,
+            admins=None,
+            now=T0 + timedelta(hours=1),
+        )
+        raise RuntimeError("crash after the merge, before the commit")
+    staging.remove()
+    with warehouse.read() as conn:
+        stored = conn.execute("SELECT event_id FROM activities").fetchall()
+        state = conn.execute("SELECT read_until FROM activity_sources_state").fetchall()
+    assert stored == [("kept",)]
+    assert state == [(T0 + timedelta(minutes=5),)]
+
+
+def test_file_events_take_the_place_of_a_sign_in_from_the_same_address(
+    warehouse: Warehouse,
+) -> None:
+    def located(event_id: str, at: datetime, ip: str, source: str = "Audit.SharePoint"):
+        return event(event_id, at, source=source, action="FileAccessed", country=None)._replace(
+            ip_address=ip
+        )
+
+    lagos = event("signin-ng", T0, country="NG")._replace(ip_address="198.51.100.7", city="Lagos")
+    ingest(warehouse, [lagos], now=T0 + timedelta(minutes=5))
+    ingest(
+        warehouse,
+        [
+            located("same-ip", T0 + timedelta(hours=2), "198.51.100.7"),
+            located("other-ip", T0 + timedelta(hours=2), "192.0.2.1"),
+            located("too-late", T0 + timedelta(hours=25), "198.51.100.7"),
+            located("before-sign-in", T0 - timedelta(minutes=1), "198.51.100.7"),
+        ],
+        now=T0 + timedelta(hours=26),
+    )
+    with warehouse.read() as conn:
+        places = {
+            event_id: (country, city)
+            for event_id, country, city in conn.execute(
+                "SELECT event_id, country, city FROM activities WHERE source <> 'signIns'"
+            ).fetchall()
+        }
+    assert places == {
+        "same-ip": ("NG", "Lagos"),
+        "other-ip": (None, None),
+        "too-late": (None, None),  # the sign-in is more than 24 hours older
+        "before-sign-in": (None, None),  # a place is only lent forward in time
+    }
