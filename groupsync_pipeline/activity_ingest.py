@@ -72,6 +72,7 @@ class IngestOutcome:
     windows: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (start, end)
     gaps: dict[str, str] = field(default_factory=dict)  # source -> events lost before
     errors: dict[str, str] = field(default_factory=dict)  # source (or "administrators") -> error
+    skipped: int = 0  # events the app sent without an id or a readable time
     duration_seconds: float = 0.0
 
 
@@ -119,7 +120,12 @@ def ingest_connection(
         with open_connector(connection) as connector:
             try:
                 admins = list(connector.administrators())
+                if not admins:
+                    # Every tenant has a Global Administrator: an empty list is a bad answer,
+                    # and applying it would close every admin's membership.
+                    raise ConnectorError("the app listed no administrator at all")
             except ConnectorError as exc:
+                admins = None
                 outcome.errors["administrators"] = str(exc)
                 log(f"{connection.name}: administrators not read, group unchanged: {exc}")
             try:
@@ -160,6 +166,9 @@ def ingest_connection(
                     f"{connection.name}/{source.name}: {staging.rows - rows_before} events "
                     f"from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
                 )
+            outcome.skipped = connector.skipped_activities
+        if outcome.skipped:
+            log(f"{connection.name}: {outcome.skipped} events without an id or time were skipped")
         outcome.pages = staging.pages
         with warehouse.write() as conn:
             outcome.merge = merge_activities(
@@ -170,6 +179,7 @@ def ingest_connection(
                 verified_domains=domains,
                 admins=admins,
                 now=now(),
+                errors=outcome.errors,
             )
     finally:
         staging.remove()

@@ -7,6 +7,7 @@ import dagster as dg
 from groupsync_pipeline.defs.activity_assets import activities, alerts
 from groupsync_pipeline.defs.assets import group_catalog, imported_group_members
 from groupsync_pipeline.defs.checks import (
+    audit_logs_read,
     member_count_matches_remote,
     no_duplicate_members,
     no_held_shrinks,
@@ -23,7 +24,12 @@ from groupsync_pipeline.defs.sensors import import_request_sensor
 
 defs = dg.Definitions(
     assets=[group_catalog, imported_group_members, activities, alerts],
-    asset_checks=[member_count_matches_remote, no_duplicate_members, no_held_shrinks],
+    asset_checks=[
+        member_count_matches_remote,
+        no_duplicate_members,
+        no_held_shrinks,
+        audit_logs_read,
+    ],
     jobs=[import_user_group, refresh_group_catalogs, sync_group_memberships, ingest_activities],
     schedules=[membership_sync_schedule, activities_schedule],
     sensors=[import_request_sensor],

@@ -180,6 +180,7 @@ def test_sign_in_example_normalizes() -> None:
         user_agent="Edge 80.0.361 (Windows 10)",
         success=True,
         raw=json.dumps(SIGN_IN, separators=(",", ":"), ensure_ascii=False),
+        actor_type="user",
     )
     assert json.loads(activity.raw) == SIGN_IN
 
@@ -289,7 +290,39 @@ def test_management_record_normalizes() -> None:
         user_agent="Mozilla/5.0 (Windows NT 10.0; Win64; x64)",
         success=True,
         raw=json.dumps(SHAREPOINT_RECORD, separators=(",", ":"), ensure_ascii=False),
+        actor_type="user",
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"UserType": 0}, "user"),
+        ({"UserType": 2}, "user"),  # an admin acting as themselves
+        ({"UserType": 4, "UserId": "app@sharepoint"}, "system"),
+        ({"UserType": 5}, "application"),
+        ({"UserType": 6}, "application"),
+        ({"UserType": None}, None),
+        ({"UserType": "4"}, None),  # not the documented integer: unknown, not guessed
+        ({"UserType": 0, "UserId": "urn:spo:anon#a1b2c3"}, "anonymous"),
+        ({"UserType": 0, "UserKey": "urn:spo:anon#a1b2c3"}, "anonymous"),
+    ],
+)
+def test_management_actor_types(fields: dict, expected: str | None) -> None:
+    activity = management_activity({**SHAREPOINT_RECORD, **fields}, "Audit.SharePoint")
+    assert activity is not None and activity.actor_type == expected
+
+
+def test_directory_audit_by_an_app_has_an_application_actor() -> None:
+    event = {
+        "id": "d-1",
+        "activityDateTime": "2026-11-27T04:00:00Z",
+        "initiatedBy": {"user": None, "app": {"displayName": "HR Sync Connector"}},
+        "result": "success",
+    }
+    activity = directory_audit_activity(event)
+    assert activity is not None and activity.actor_type == "application"
+    assert activity.actor_email is None
 
 
 def test_management_record_variants() -> None:

@@ -73,7 +73,11 @@ def _build(data_dir: Path) -> None:
                  country, city, ok, at],
             )  # fmt: skip
             for group_id in tags:
-                conn.execute("INSERT INTO activity_groups VALUES (?, ?)", [activity_id, group_id])
+                conn.execute(
+                    "INSERT INTO _activity_group_keys SELECT ?, group_key FROM user_groups "
+                    "WHERE group_id = ?",
+                    [activity_id, group_id],
+                )
         conn.execute("INSERT INTO _policy_state VALUES ('quiet-policy', 5, 'h')")
         conn.executemany(
             """

@@ -138,7 +138,11 @@ class Feed:
         self.conn.unregister("new_activities")
         tags = [(i, g) for i in ids for g in (GROUPS.get(actor, []) if groups is None else groups)]
         if tags:
-            self.conn.executemany("INSERT INTO activity_groups VALUES (?, ?)", tags)
+            self.conn.executemany(
+                "INSERT INTO _activity_group_keys SELECT ?, group_key FROM user_groups "
+                "WHERE group_id = ?",
+                tags,
+            )
         if tag:
             self.tagged_through(ids[-1])
         return ids

@@ -101,6 +101,8 @@ class Activity(NamedTuple):
     user_agent: str | None
     success: bool | None  # None when the app does not say
     raw: str  # the event exactly as received, as JSON text
+    # What acted: "user", "anonymous" (a sharing link), "application", "system"; None: unknown.
+    actor_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class Connector(Protocol):
     """The small interface every connected app implements."""
 
     app: str
+    # Audit events dropped because they had no id or no readable time (cannot be deduplicated).
+    skipped_activities: int
 
     def group_catalog(self) -> Iterator[RemoteGroup]: ...
 

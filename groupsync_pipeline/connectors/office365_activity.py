@@ -118,6 +118,7 @@ def signin_activity(event: Any, source: str = "signIns") -> Activity | None:
         # errorCode 0 is success; any other code is a failed or interrupted sign-in.
         success=(error_code == 0) if _is_int(error_code) else None,
         raw=raw_json(event),
+        actor_type=ACTOR_USER,
     )
 
 
@@ -155,7 +156,43 @@ def directory_audit_activity(event: Any, source: str = "directoryAudits") -> Act
         if result in ("failure", "timeout")
         else None,
         raw=raw_json(event),
+        actor_type=ACTOR_USER
+        if user.get("id") or user.get("userPrincipalName")
+        else ACTOR_APPLICATION,
     )
+
+
+# Activity.actor_type values.
+ACTOR_USER = "user"
+ACTOR_ANONYMOUS = "anonymous"
+ACTOR_APPLICATION = "application"
+ACTOR_SYSTEM = "system"
+# The common schema's UserType: 0 Regular, 1 Reserved, 2 Admin, 3 DcAdmin (a Microsoft
+# datacenter operator), 4 System, 5 Application, 6 ServicePrincipal, 7 CustomPolicy,
+# 8 SystemPolicy.
+_USER_TYPES = {
+    0: ACTOR_USER,
+    1: ACTOR_USER,
+    2: ACTOR_USER,
+    3: ACTOR_SYSTEM,
+    4: ACTOR_SYSTEM,
+    5: ACTOR_APPLICATION,
+    6: ACTOR_APPLICATION,
+    7: ACTOR_SYSTEM,
+    8: ACTOR_SYSTEM,
+}
+
+
+def management_actor_type(event: dict[str, Any]) -> str | None:
+    """Who acted in a Management API record: a person, a sharing link, an app or the system."""
+    for key in ("UserId", "UserKey"):
+        value = _text(event.get(key))
+        if value and value.lower().startswith("urn:spo:anon"):
+            return ACTOR_ANONYMOUS  # someone who opened an "anyone with the link" link
+    user_type = event.get("UserType")
+    if _is_int(user_type):
+        return _USER_TYPES.get(int(user_type))
+    return None
 
 
 def management_activity(event: Any, content_type: str) -> Activity | None:
@@ -191,6 +228,7 @@ def management_activity(event: Any, content_type: str) -> Activity | None:
         user_agent=_text(event.get("UserAgent")),
         success=_result_status(event.get("ResultStatus")),
         raw=raw_json(event),
+        actor_type=management_actor_type(event),
     )
 
 

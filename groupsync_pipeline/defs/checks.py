@@ -1,9 +1,10 @@
-"""Asset checks on imported memberships, read from the warehouse."""
+"""Asset checks on imported memberships and audit-log reads, read from the warehouse."""
 
 from __future__ import annotations
 
 import dagster as dg
 
+from groupsync_pipeline.defs.activity_assets import activities
 from groupsync_pipeline.defs.assets import imported_group_members
 from groupsync_pipeline.defs.resources import WarehouseResource
 
@@ -97,6 +98,38 @@ def no_held_shrinks(warehouse: WarehouseResource) -> dg.AssetCheckResult:
                         "would_remove": r[6],
                     }
                     for r in rows[:50]
+                ]
+            ),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=activities,
+    description="Every audit log (and the admin-role and domain reads) was read by the last "
+    "activity ingest; a failing one keeps its place and is read again next time.",
+)
+def audit_logs_read(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.get().read() as conn:
+        failing = conn.execute(
+            "SELECT connection, source, last_error, last_error_at, read_until "
+            "FROM activity_sources_state WHERE last_error IS NOT NULL ORDER BY 1, 2"
+        ).fetchall()
+        sources = conn.execute("SELECT count(*) FROM activity_sources_state").fetchall()[0][0]
+    return dg.AssetCheckResult(
+        passed=not failing,
+        metadata={
+            "reads_checked": sources,
+            "failing": dg.MetadataValue.json(
+                [
+                    {
+                        "connection": connection,
+                        "source": source,
+                        "error": error,
+                        "since": str(when),
+                        "events_read_until": str(until) if until else None,
+                    }
+                    for connection, source, error, when, until in failing
                 ]
             ),
         },

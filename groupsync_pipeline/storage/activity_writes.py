@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS staged_activities (
     source VARCHAR NOT NULL, event_id VARCHAR NOT NULL, occurred_at TIMESTAMPTZ NOT NULL,
     actor_account_id VARCHAR, actor_email VARCHAR, action VARCHAR NOT NULL,
     object_name VARCHAR, object_id VARCHAR, ip_address VARCHAR, country VARCHAR, city VARCHAR,
-    user_agent VARCHAR, success BOOLEAN, raw VARCHAR
+    user_agent VARCHAR, success BOOLEAN, raw VARCHAR, actor_type VARCHAR
 )
 """
 
@@ -42,6 +42,14 @@ ADMIN_GROUP_NAMES = {
     "box": "Box administrators",
     "dropbox": "Dropbox administrators",
 }
+
+
+# The id space an event id belongs to: the Management Activity API's content types share one
+# (a record Id is unique across them), each Graph log has its own.
+_ID_SPACE = (
+    "CASE WHEN {t}.source LIKE 'Audit.%' OR {t}.source LIKE 'DLP.%' THEN 'management' "
+    "ELSE {t}.source END"
+)
 
 
 def automatic_group_id(connection: str, suffix: str) -> str:
@@ -170,12 +178,15 @@ def merge_activities(
     verified_domains: list[str] | None,
     admins: list[Account] | None,
     now: datetime,
+    errors: dict[str, str] | None = None,
 ) -> ActivityMergeResult:
     """Store the staged events not stored yet, update automatic groups, tag the new ones.
 
     Runs inside the caller's transaction. ``admins`` None: the admin list could not be read,
     so the administrators group is left as it was. ``verified_domains`` None or empty: only
-    guests and #EXT# accounts count as external.
+    guests and #EXT# accounts count as external. ``errors``: what could not be read this time
+    ({source or "administrators" / "domains": error}), recorded in activity_sources_state
+    without moving its watermark; a source read successfully has its error cleared.
     """
     staging.close()
     result = ActivityMergeResult()
@@ -184,7 +195,8 @@ def merge_activities(
 
     if admins is not None and "administrators" in groups:
         _load_admins(conn, admins)
-        upsert_incoming_accounts(conn, connection.name, now)
+        # Role listings carry few properties: never blank what a full user read stored.
+        upsert_incoming_accounts(conn, connection.name, now, keep_known=True)
         result.admins_joined, result.admins_left = replace_current_members(
             conn, groups["administrators"], connection.name, now
         )
@@ -199,8 +211,9 @@ def merge_activities(
     try:
         # One row per event: a window can hand the same event over twice.
         conn.execute(
-            "CREATE OR REPLACE TEMP TABLE incoming_activities AS "
-            "SELECT DISTINCT ON (source, event_id) * FROM activity_staging.staged_activities"
+            f"CREATE OR REPLACE TEMP TABLE incoming_activities AS "
+            f"SELECT DISTINCT ON ({_ID_SPACE.format(t='s')}, event_id) * "
+            f"FROM activity_staging.staged_activities AS s"
         )
     finally:
         conn.execute("DETACH activity_staging")
@@ -212,12 +225,13 @@ def merge_activities(
         # A repeat has the same time as the stored event: only stored rows from the batch's
         # earliest time on need checking (the scan skips older row groups by their min/max).
         conn.execute(
-            """
+            f"""
             DELETE FROM incoming_activities AS i
             WHERE EXISTS (
                 SELECT 1 FROM activities AS e
                 WHERE e.connection = $connection AND e.occurred_at >= $earliest
-                  AND e.source = i.source AND e.event_id = i.event_id
+                  AND e.event_id = i.event_id
+                  AND {_ID_SPACE.format(t="e")} = {_ID_SPACE.format(t="i")}
             )
             """,
             {"connection": connection.name, "earliest": earliest},
@@ -229,12 +243,13 @@ def merge_activities(
         )
         result.new = conn.execute(
             """
-            INSERT INTO activities
+            INSERT INTO activities BY NAME
             SELECT coalesce((SELECT max(activity_id) FROM activities), 0)
-                       + row_number() OVER (ORDER BY occurred_at, source, event_id),
-                   $connection, $app, source, event_id, occurred_at, actor_account_id,
-                   actor_email, action, object_name, object_id, ip_address, country, city,
-                   user_agent, success, raw, $now
+                       + row_number() OVER (ORDER BY occurred_at, source, event_id)
+                       AS activity_id,
+                   $connection AS connection, $app AS app, source, event_id, occurred_at,
+                   actor_account_id, actor_email, actor_type, action, object_name, object_id,
+                   ip_address, country, city, user_agent, success, raw, $now AS ingested_at
             FROM incoming_activities
             """,
             {"connection": connection.name, "app": connection.app, "now": now},
@@ -255,7 +270,8 @@ def merge_activities(
             ON CONFLICT (connection, source) DO UPDATE SET read_until = excluded.read_until,
                 last_read_at = excluded.last_read_at, events_read = excluded.events_read,
                 events_new = excluded.events_new,
-                gap_before = coalesce(excluded.gap_before, activity_sources_state.gap_before)
+                gap_before = coalesce(excluded.gap_before, activity_sources_state.gap_before),
+                last_error = NULL, last_error_at = NULL
             """,
             {
                 "connection": connection.name,
@@ -267,6 +283,7 @@ def merge_activities(
                 "gap": read.gap_before,
             },
         )
+    _record_reads_besides_logs(conn, connection.name, errors or {}, admins, verified_domains, now)
     conn.execute(
         """
         UPDATE user_groups SET member_count = (
@@ -353,8 +370,10 @@ def _join_external(
         LEFT JOIN accounts AS a
           ON a.connection = $connection AND a.account_id = i.actor_account_id
         WHERE coalesce(i.actor_account_id, i.actor_email) IS NOT NULL
+          AND coalesce(i.actor_type, 'user') NOT IN ('application', 'system')
           AND (
-            coalesce(a.is_external, false)
+            i.actor_type = 'anonymous'
+            OR coalesce(a.is_external, false)
             OR contains(lower(coalesce(i.actor_email, a.user_principal_name, '')), '#ext#')
             OR (len($domains) > 0 AND contains(coalesce(i.actor_email, ''), '@')
                 AND NOT list_contains($domains,
@@ -439,3 +458,37 @@ def _locate_from_sign_ins(
             {"connection": connection, "earliest": earliest},
         ).fetchall()[0][0]
     )
+
+
+def _record_reads_besides_logs(
+    conn: duckdb.DuckDBPyConnection,
+    connection: str,
+    errors: dict[str, str],
+    admins: list[Account] | None,
+    verified_domains: list[str] | None,
+    now: datetime,
+) -> None:
+    """Errors of this ingest, and the success of the admin and domain reads, in the state."""
+    for source, error in errors.items():
+        conn.execute(
+            """
+            INSERT INTO activity_sources_state (connection, source, last_error, last_error_at)
+            VALUES (?, ?, ?, ?)
+            ON CONFLICT (connection, source) DO UPDATE SET last_error = excluded.last_error,
+                last_error_at = excluded.last_error_at
+            """,
+            [connection, source, error, now],
+        )
+    for source, read in (("administrators", admins), ("domains", verified_domains)):
+        if read is not None and source not in errors:
+            conn.execute(
+                """
+                INSERT INTO activity_sources_state (connection, source, last_read_at,
+                                                    events_read)
+                VALUES (?, ?, ?, ?)
+                ON CONFLICT (connection, source) DO UPDATE SET
+                    last_read_at = excluded.last_read_at, events_read = excluded.events_read,
+                    last_error = NULL, last_error_at = NULL
+                """,
+                [connection, source, now, len(read)],
+            )

@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS group_catalog (
     PRIMARY KEY (connection, remote_group_id)
 );
 
+-- Small integer keys for groups: activity tags store these (millions of rows), not group ids.
+CREATE SEQUENCE IF NOT EXISTS user_group_keys START 1;
+
 -- user_groups: the groups groupsync tracks, imported by a person or maintained automatically.
 CREATE TABLE IF NOT EXISTS user_groups (
     group_id        VARCHAR PRIMARY KEY,   -- '<connection>:<remote_group_id>' for imported groups
@@ -37,8 +40,11 @@ CREATE TABLE IF NOT EXISTS user_groups (
     imported_at     TIMESTAMPTZ,           -- when the first import committed; tags start here
     last_synced_at  TIMESTAMPTZ,           -- when members were last read from the app
     member_count    BIGINT NOT NULL,       -- current members (open intervals in group_memberships)
-    deleted_at      TIMESTAMPTZ            -- set when the group disappeared from the app
+    deleted_at      TIMESTAMPTZ,           -- set when the group disappeared from the app
+    group_key       INTEGER DEFAULT nextval('user_group_keys')  -- set once, never reused
 );
+-- Warehouses created before activities existed get the key (existing groups numbered now).
+ALTER TABLE user_groups ADD COLUMN IF NOT EXISTS group_key INTEGER DEFAULT nextval('user_group_keys');
 
 -- accounts: people's accounts in each connected app, as last seen. One row per
 -- (connection, account_id), kept so by the writer; no index, so bulk merges stay fast.
@@ -160,7 +166,8 @@ LEFT JOIN accounts AS a ON a.connection = m.connection AND a.account_id = m.acco
 WHERE m.valid_to IS NULL;
 
 -- activities: events from the apps' audit logs, normalized. One row per app event:
--- (connection, source, event_id) is unique (ingest drops events it already holds).
+-- (connection, source, event_id) is unique (ingest drops events it already holds); the
+-- Management Activity API's content types share one id space, so an Id is stored once across them.
 CREATE TABLE IF NOT EXISTS activities (
     activity_id      BIGINT NOT NULL,       -- groupsync's id; increases in ingest order
     connection       VARCHAR NOT NULL,
@@ -170,6 +177,7 @@ CREATE TABLE IF NOT EXISTS activities (
     occurred_at      TIMESTAMPTZ NOT NULL,  -- when it happened (UTC)
     actor_account_id VARCHAR,               -- who acted: accounts.account_id; NULL when unknown
     actor_email      VARCHAR,               -- who acted, as the app names them (sign-in name or email)
+    actor_type       VARCHAR,               -- user | anonymous (a sharing link) | application | system
     action           VARCHAR NOT NULL,      -- the app's word: Sign-in, FileAccessed, Add member to group ...
     object_name      VARCHAR,               -- file or resource acted on
     object_id        VARCHAR,               -- its id or URL
@@ -186,13 +194,15 @@ CREATE TABLE IF NOT EXISTS activities (
 CREATE TABLE IF NOT EXISTS activity_sources_state (
     connection       VARCHAR NOT NULL,
     source           VARCHAR NOT NULL,
-    read_until       TIMESTAMPTZ NOT NULL,  -- events made available before this were read; the
+    read_until       TIMESTAMPTZ,           -- events made available before this were read; the
                                             -- next read starts an overlap window earlier
-    last_read_at     TIMESTAMPTZ NOT NULL,
-    events_read      BIGINT NOT NULL,       -- events received by the last read (repeats included)
-    events_new       BIGINT NOT NULL,       -- of them, new to groupsync
+    last_read_at     TIMESTAMPTZ,           -- last successful read
+    events_read      BIGINT NOT NULL DEFAULT 0,  -- received by the last read (repeats included)
+    events_new       BIGINT NOT NULL DEFAULT 0,  -- of them, new to groupsync
     gap_before       TIMESTAMPTZ,           -- set when the app no longer kept events back to the
                                             -- previous read: events before this were lost
+    last_error       VARCHAR,               -- why the last attempt failed; NULL after a success
+    last_error_at    TIMESTAMPTZ,
     PRIMARY KEY (connection, source)
 );
 
@@ -200,9 +210,12 @@ CREATE TABLE IF NOT EXISTS activity_sources_state (
 -- actor was a member at occurred_at (valid_from <= occurred_at < valid_to) and the group was
 -- imported (automatic groups: created) at or before occurred_at. Written once, when the activity
 -- is ingested; never changed after.
-CREATE TABLE IF NOT EXISTS activity_groups (
+-- Stored by group_key (an INTEGER) rather than group_id: writing tens of millions of string ids
+-- cost as much as the tagging join itself (bench/tagging.py). The view activity_groups below
+-- shows them by group_id.
+CREATE TABLE IF NOT EXISTS _activity_group_keys (
     activity_id BIGINT NOT NULL,
-    group_id    VARCHAR NOT NULL
+    group_key   INTEGER NOT NULL
 );
 
 -- _tagging_state (internal): activities up to this activity_id have been tagged.
@@ -237,6 +250,12 @@ CREATE TABLE IF NOT EXISTS _policy_state (
                                             -- starts the policy again from new activities
 );
 
+-- activity_groups: the groups each activity is tagged with, by group_id.
+CREATE OR REPLACE VIEW activity_groups AS
+SELECT k.activity_id, g.group_id
+FROM _activity_group_keys AS k
+JOIN user_groups AS g ON g.group_key = k.group_key;
+
 -- activities_tagged: every activity with the names and ids of the groups it is tagged with.
 CREATE OR REPLACE VIEW activities_tagged AS
 SELECT a.*,
@@ -244,20 +263,20 @@ SELECT a.*,
        coalesce(t.group_ids, []::VARCHAR[])   AS group_ids
 FROM activities AS a
 LEFT JOIN (
-    SELECT ag.activity_id,
-           list(g.name ORDER BY g.name)          AS group_names,
-           list(ag.group_id ORDER BY g.name)     AS group_ids
-    FROM activity_groups AS ag
-    JOIN user_groups AS g ON g.group_id = ag.group_id
-    GROUP BY ag.activity_id
+    SELECT k.activity_id,
+           list(g.name ORDER BY g.name)       AS group_names,
+           list(g.group_id ORDER BY g.name)   AS group_ids
+    FROM _activity_group_keys AS k
+    JOIN user_groups AS g ON g.group_key = k.group_key
+    GROUP BY k.activity_id
 ) AS t ON t.activity_id = a.activity_id;
 
 -- group_activities: one row per activity and group it is tagged with ("activities of group X").
 CREATE OR REPLACE VIEW group_activities AS
-SELECT ag.group_id,
+SELECT g.group_id,
        g.name AS group_name,
        g.type AS group_type,
        a.*
-FROM activity_groups AS ag
-JOIN user_groups AS g ON g.group_id = ag.group_id
-JOIN activities AS a ON a.activity_id = ag.activity_id;
+FROM _activity_group_keys AS k
+JOIN user_groups AS g ON g.group_key = k.group_key
+JOIN activities AS a ON a.activity_id = k.activity_id;

@@ -13,7 +13,8 @@ groupsync knew: intervals open and close when a sync commits, not when the app c
 
 Tagging is incremental: activities with an id above ``_tagging_state.tagged_through`` are
 tagged in one set-based INSERT ... SELECT (a hash join on the actor, then the interval test),
-so no Python touches a row.
+so no Python touches a row. Tags are stored by the group's integer ``group_key``; the view
+``activity_groups`` shows them by ``group_id``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import duckdb
 # One statement: the planner hashes the (small) interval side and streams activities past it.
 # coalesce(valid_to, 'infinity') keeps the predicate a plain range test (no OR).
 _TAG_SQL = """
-INSERT INTO activity_groups (activity_id, group_id)
-SELECT a.activity_id, m.group_id
+INSERT INTO _activity_group_keys (activity_id, group_key)
+SELECT a.activity_id, g.group_key
 FROM activities AS a
 JOIN group_memberships AS m
   ON m.connection = a.connection
@@ -37,6 +38,8 @@ JOIN user_groups AS g
   ON g.group_id = m.group_id
  AND g.imported_at <= a.occurred_at
 WHERE a.activity_id > $after AND a.activity_id <= $through
+  -- Only intervals overlapping the batch's time span: closed history drops out early.
+  AND m.valid_from <= $latest AND coalesce(m.valid_to, 'infinity'::TIMESTAMPTZ) > $earliest
 """
 
 
@@ -55,13 +58,17 @@ def tagged_through(conn: duckdb.DuckDBPyConnection) -> int:
 def tag_new_activities(conn: duckdb.DuckDBPyConnection) -> TaggingResult:
     """Tag the activities not tagged yet. Runs inside the caller's transaction."""
     after = tagged_through(conn)
-    through, count = conn.execute(
-        "SELECT max(activity_id), count(*) FROM activities WHERE activity_id > $after",
+    through, count, earliest, latest = conn.execute(
+        "SELECT max(activity_id), count(*), min(occurred_at), max(occurred_at) FROM activities"
+        " WHERE activity_id > $after",
         {"after": after},
     ).fetchall()[0]
     if not count:
         return TaggingResult(0, 0, after)
-    tags = conn.execute(_TAG_SQL, {"after": after, "through": through}).fetchall()[0][0]
+    tags = conn.execute(
+        _TAG_SQL,
+        {"after": after, "through": through, "earliest": earliest, "latest": latest},
+    ).fetchall()[0][0]
     conn.execute("DELETE FROM _tagging_state")
     conn.execute("INSERT INTO _tagging_state VALUES ($through)", {"through": through})
     return TaggingResult(int(count), int(tags), int(through))

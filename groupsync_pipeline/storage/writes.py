@@ -245,14 +245,22 @@ def merge_group_members(
 
 
 def upsert_incoming_accounts(
-    conn: duckdb.DuckDBPyConnection, connection: str, now: datetime
+    conn: duckdb.DuckDBPyConnection, connection: str, now: datetime, *, keep_known: bool = False
 ) -> None:
-    """Insert or refresh the accounts in the temp table ``incoming`` (one row per account)."""
+    """Insert or refresh the accounts in the temp table ``incoming`` (one row per account).
+
+    ``keep_known``: a NULL in ``incoming`` keeps the stored value (a sparse listing, such as
+    the members of an admin role, must not blank what a full user read stored).
+    """
+    keep = "coalesce(i.{0}, accounts.{0})" if keep_known else "i.{0}"
+    details = ", ".join(
+        f"{column} = {keep.format(column)}"
+        for column in ("email", "display_name", "user_principal_name", "user_type", "enabled")
+    )
+    external = "(i.is_external OR accounts.is_external)" if keep_known else "i.is_external"
     conn.execute(
-        """
-        UPDATE accounts SET email = i.email, display_name = i.display_name,
-            user_principal_name = i.user_principal_name, user_type = i.user_type,
-            is_external = i.is_external, enabled = i.enabled, last_seen_at = $now
+        f"""
+        UPDATE accounts SET {details}, is_external = {external}, last_seen_at = $now
         FROM incoming AS i
         WHERE accounts.connection = $connection AND accounts.account_id = i.account_id
         """,
