@@ -213,7 +213,7 @@ WITH ev AS (
 )
 SELECT activity_id, conn, 'office365', src, guid('evt' || activity_id), occurred_at, actor,
        CASE WHEN actor IS NULL THEN NULL ELSE 'user' || acct_no || '@' || conn || '.example' END,
-       act, 'Documents/Report-' || (h >> 16) % 50000 || '.docx',
+       'user', act, 'Documents/Report-' || (h >> 16) % 50000 || '.docx',
        'https://' || conn || '.sharepoint.example/sites/s' || (h >> 32) % 300,
        '10.' || (h >> 20) % 256 || '.' || (h >> 28) % 256 || '.' || (h >> 36) % 256,
        ['FR', 'DE', 'US', 'GB', 'NL', 'ES'][1 + (h >> 40) % 6],
