@@ -186,6 +186,7 @@ def test_a_late_event_inside_the_overlap_is_stored_and_tagged_by_its_own_time(
         warehouse, [late, event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=2)
     )
     assert result.new == 1
+    assert result.late_by_source == {"signIns": 1}  # before the last read ended: the overlap
     assert tags(warehouse) == {"late": ["HR"], "on-time": []}
 
 

@@ -68,6 +68,9 @@ def activities(
         metadata[f"{name} events read"] = merge.received
         metadata[f"{name} pages"] = outcome.pages
         metadata[f"{name} new by source"] = dg.MetadataValue.json(merge.new_by_source)
+        metadata[f"{name} late events caught by the overlap"] = dg.MetadataValue.json(
+            merge.late_by_source
+        )
         metadata[f"{name} windows"] = dg.MetadataValue.json(outcome.windows)
         metadata[f"{name} group tags"] = merge.tagging.tags
         metadata[f"{name} external joined"] = merge.external_joined

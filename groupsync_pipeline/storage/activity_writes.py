@@ -10,7 +10,7 @@ arrived, once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -128,6 +128,7 @@ class ActivityMergeResult:
     admins_joined: int = 0
     admins_left: int = 0
     new_by_source: dict[str, int] = field(default_factory=dict)
+    late_by_source: dict[str, int] = field(default_factory=dict)  # caught by the overlap
     tagging: TaggingResult = field(default_factory=lambda: TaggingResult(0, 0, 0))
 
 
@@ -259,6 +260,20 @@ def merge_activities(
                 "SELECT source, count(*) FROM incoming_activities GROUP BY source"
             ).fetchall()
         )
+        # New events that happened before the previous read of their log ended: published
+        # late, and caught only because each read overlaps the last one.
+        result.late_by_source = dict(
+            conn.execute(
+                """
+                SELECT i.source, count(*) FROM incoming_activities AS i
+                JOIN activity_sources_state AS s
+                  ON s.connection = $connection AND s.source = i.source
+                WHERE i.occurred_at < s.read_until
+                GROUP BY i.source
+                """,
+                {"connection": connection.name},
+            ).fetchall()
+        )
     conn.execute("DROP TABLE IF EXISTS incoming_activities")
 
     for read in reads:
@@ -325,6 +340,7 @@ def _resolve_actors(conn: duckdb.DuckDBPyConnection, connection: str, now: datet
             UNION ALL
             SELECT lower(actor_email), actor_account_id, 4 FROM activities
             WHERE connection = $connection AND source = 'signIns'
+              AND occurred_at >= $since
               AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
               AND lower(actor_email) IN (SELECT name FROM wanted)
         )
@@ -332,7 +348,8 @@ def _resolve_actors(conn: duckdb.DuckDBPyConnection, connection: str, now: datet
         FROM known AS k JOIN wanted AS w ON w.name = k.name
         GROUP BY k.name
         """,
-        {"connection": connection},
+        # Stored sign-ins of the last 30 days (Graph's own retention) pair names with ids.
+        {"connection": connection, "since": now - timedelta(days=30)},
     )
     resolved = conn.execute(
         """
