@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from groupsync_pipeline.activity_ingest import IngestSettings, ingest_connection
-from groupsync_pipeline.alert_emails import send_pending_alert_emails
+from groupsync_pipeline.alert_emails import AlertEmailRound, send_pending_alert_emails
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.assets import WAREHOUSE_POOL, imported_group_members
@@ -118,9 +118,19 @@ def alerts(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> d
             f"activities, {outcome.matches} matches, {outcome.alerts_raised} alerts"
         )
     # Emails go out after the alerts are committed, in their own short transaction: an email
-    # never describes alerts that a rollback took back.
-    with store.write() as conn:
-        emails = send_pending_alert_emails(conn, policies, smtp, datetime.now(UTC))
+    # never describes alerts that a rollback took back. Every write republishes the whole
+    # snapshot, so none is opened when no policy has an alert waiting for its email.
+    notifying = [policy.name for policy in policies if policy.notify]
+    with store.read() as conn:
+        waiting = conn.execute(
+            "SELECT count(*) FROM alerts "
+            "WHERE notified_at IS NULL AND list_contains($names::VARCHAR[], policy)",
+            {"names": notifying},
+        ).fetchall()[0][0]
+    emails = AlertEmailRound()
+    if waiting:
+        with store.write() as conn:
+            emails = send_pending_alert_emails(conn, policies, smtp, datetime.now(UTC))
     for outcome in emails.outcomes:
         if outcome.status != "sent":
             context.log.warning(
