@@ -379,28 +379,20 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # every activity: the batch's own b
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
-def tag_with(sql: str | None) -> Callable[[duckdb.DuckDBPyConnection], tuple[int, int]]:
-    """The pipeline's tag_new_activities, as (activities, tags)."""
-
-    def run(conn: duckdb.DuckDBPyConnection) -> tuple[int, int]:
-        r = tag_new_activities(conn)
-        return r.activities, r.tags
-
-    return run
+def tag(conn: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """The pipeline's tag_new_activities in its own transaction: (activities, tags)."""
+    conn.execute("BEGIN")
+    result = tag_new_activities(conn)
+    conn.execute("COMMIT")
+    return result.activities, result.tags
 
 
-def tagging_phase(
-    path: Path, label: str, settings: dict[str, Any], sql: str | None = None
-) -> tuple[Phase, Phase]:
+def tagging_phase(path: Path, label: str, settings: dict[str, Any]) -> tuple[Phase, Phase]:
     """(tag + COMMIT, then the CHECKPOINT a closing pipeline connection does), one connection."""
     conn = connect(path, settings)
-    tagger = tag_with(sql)
 
     def work() -> tuple[int, int, str]:
-        conn.execute("BEGIN")
-        activities, tags = tagger(conn)
-        conn.execute("COMMIT")
-        return activities, tags, ""
+        return (*tag(conn), "")
 
     tagged = measure(label, work, conn)
 
@@ -485,11 +477,9 @@ def pandas_phase(path: Path, sample_every: int) -> tuple[Phase, int, int, list[s
 DIGEST_SQL = "SELECT count(*), sum(hash(activity_id, group_id)) FROM {}"
 
 
-def incremental_phases(
-    path: Path, args: argparse.Namespace, candidate: bool
-) -> tuple[list[Phase], list[str]]:
+def incremental_phases(path: Path, args: argparse.Namespace) -> tuple[list[Phase], list[str]]:
     """Add --incremental activities, then tag them (best of --repeat; each run's tags are
-    deleted before the next), with the pipeline's SQL and, if asked, the candidate."""
+    deleted before the next, and every run must write the same tags)."""
     conn = duckdb.connect(str(path))
     script(conn, MACROS)
     script(conn, ACCOUNTS.split("INSERT INTO accounts")[0], {"accounts": args.accounts})
@@ -498,37 +488,27 @@ def incremental_phases(
     add_activities(conn, first, args.incremental, args.accounts, end, 3600.0)
     conn.execute("CHECKPOINT")
     after = first - 1
-    runs: dict[str, list[Phase]] = {}
-    digests: dict[str, Any] = {}
-    sqls = {"(d) incremental, tag_new_activities": None}
+    label = "(d) incremental, tag_new_activities"
+    runs: list[Phase] = []
+    digests: set[str] = set()
     for _ in range(args.repeat):
-        for label, sql in sqls.items():
-            tagger = tag_with(sql)
-
-            def work(tagger: Any = tagger) -> tuple[int, int, str]:
-                conn.execute("BEGIN")
-                activities, tags = tagger(conn)
-                conn.execute("COMMIT")
-                return activities, tags, "new activities only"
-
-            runs.setdefault(label, []).append(measure(label, work, conn))
-            digests[label] = conn.execute(
-                DIGEST_SQL.format("activity_groups") + " WHERE activity_id > $a", {"a": after}
-            ).fetchall()
-            conn.execute("DELETE FROM _activity_group_keys WHERE activity_id > $a", {"a": after})
-            conn.execute("UPDATE _tagging_state SET tagged_through = $a", {"a": after})
-    conn.execute("BEGIN")
-    tag_new_activities(conn)  # leave the warehouse tagged
-    conn.execute("COMMIT")
+        runs.append(measure(label, lambda: (*tag(conn), "new activities only"), conn))
+        digests.add(
+            str(
+                conn.execute(
+                    DIGEST_SQL.format("activity_groups") + " WHERE activity_id > $a", {"a": after}
+                ).fetchall()
+            )
+        )
+        conn.execute("DELETE FROM _activity_group_keys WHERE activity_id > $a", {"a": after})
+        conn.execute("UPDATE _tagging_state SET tagged_through = $a", {"a": after})
+    tag(conn)  # leave the warehouse tagged
     conn.close()
-    phases = []
-    for ps in runs.values():
-        best = min(ps, key=lambda p: p.seconds)
-        if len(ps) > 1:
-            best.note += "; best of " + ", ".join(f"{p.seconds:.3f}" for p in ps)
-        phases.append(best)
-    problems = [] if len({str(d) for d in digests.values()}) == 1 else [f"(d) differ: {digests}"]
-    return phases, problems
+    best = min(runs, key=lambda p: p.seconds)
+    if len(runs) > 1:
+        best.note += "; best of " + ", ".join(f"{p.seconds:.3f}" for p in runs)
+    problems = [] if len(digests) == 1 else [f"(d) runs wrote different tags: {digests}"]
+    return [best], problems
 
 
 def fmt_mb(mb: float | None) -> str:
@@ -607,17 +587,17 @@ def main() -> None:
 
         if not args.no_variants:
             phases.append(bare_phase(path, "(b') bare join, threads=1", {"threads": 1}, n_acts))
-            for label, settings, sql in (
-                ("(a') preserve_insertion_order=false", {"preserve_insertion_order": False}, None),
-                ("(a') memory_limit=2GB", {"memory_limit": "2GB"}, None),
-                ("(a') threads=1", {"threads": 1}, None),
+            for label, settings in (
+                ("(a') preserve_insertion_order=false", {"preserve_insertion_order": False}),
+                ("(a') memory_limit=2GB", {"memory_limit": "2GB"}),
+                ("(a') threads=1", {"threads": 1}),
             ):
                 reset_tags(path)
-                variant = tagging_phase(path, label, settings, sql)
+                variant = tagging_phase(path, label, settings)
                 phases += variant
                 if variant[0].note.split(";")[0] != tagged.note.split(";")[0]:
                     problems.append(f"{label}: {variant[0].note}, (a) {tagged.note}")
-        inc_phases, inc_problems = incremental_phases(path, args, not args.no_variants)
+        inc_phases, inc_problems = incremental_phases(path, args)
         phases += inc_phases
         problems += inc_problems
         inc = inc_phases[0]

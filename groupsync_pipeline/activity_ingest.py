@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from groupsync_pipeline.config import ConfigError, Connection
+from groupsync_pipeline.config import Connection, env_number
 from groupsync_pipeline.connected_apps import open_connector
 from groupsync_pipeline.connectors.base import Account, ConnectorError
 from groupsync_pipeline.storage.activity_writes import (
@@ -47,20 +47,10 @@ class IngestSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> IngestSettings:
-        def number(name: str, fallback: float, low: float, high: float) -> float:
-            raw = environ.get(name, "").strip()
-            if not raw:
-                return fallback
-            try:
-                value = float(raw)
-            except ValueError:
-                value = float("nan")
-            if not low <= value <= high:
-                raise ConfigError(f"{name} must be a number from {low:g} to {high:g}: {raw!r}")
-            return value
-
-        overlap = number(OVERLAP_ENV, DEFAULT_OVERLAP.total_seconds() / 60, 0, 24 * 60)
-        backfill = number(BACKFILL_ENV, DEFAULT_BACKFILL.total_seconds() / 3600, 0, 24 * 30)
+        overlap = env_number(environ, OVERLAP_ENV, DEFAULT_OVERLAP.total_seconds() / 60, 0, 24 * 60)
+        backfill = env_number(
+            environ, BACKFILL_ENV, DEFAULT_BACKFILL.total_seconds() / 3600, 0, 24 * 30
+        )
         return cls(overlap=timedelta(minutes=overlap), backfill=timedelta(hours=backfill))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,22 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
         ca_bundle=ca_bundle,
         source=source,
     )
+
+
+def env_number(
+    environ: Mapping[str, str], name: str, fallback: float, low: float, high: float
+) -> float:
+    """A number setting from the environment: ``fallback`` when unset, else within bounds."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return fallback
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be a number from {low:g} to {high:g}: {raw!r}")
+    return value
 
 
 def find_connection(connections: list[Connection], name: str) -> Connection:

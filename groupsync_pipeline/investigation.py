@@ -239,8 +239,8 @@ def find_activities(conn: duckdb.DuckDBPyConnection, flt: ActivityFilter) -> Fou
     if flt.groups:
         params["group_ids"] = resolve_groups(conn, flt.groups)
         where.append(
-            "a.activity_id IN (SELECT activity_id FROM activity_groups "
-            "WHERE list_contains($group_ids, group_id))"
+            "a.activity_id IN (SELECT k.activity_id FROM _activity_group_keys AS k "
+            "JOIN user_groups AS g USING (group_key) WHERE list_contains($group_ids, g.group_id))"
         )
     if flt.since is not None:
         where.append("a.occurred_at >= $since")
@@ -283,8 +283,8 @@ def find_activities(conn: duckdb.DuckDBPyConnection, flt: ActivityFilter) -> Fou
         )
         SELECT p.*,
                coalesce((SELECT list(g.name ORDER BY g.name)
-                         FROM activity_groups AS ag JOIN user_groups AS g USING (group_id)
-                         WHERE ag.activity_id = p.activity_id), []::VARCHAR[]) AS groups
+                         FROM _activity_group_keys AS k JOIN user_groups AS g USING (group_key)
+                         WHERE k.activity_id = p.activity_id), []::VARCHAR[]) AS groups
         FROM picked AS p
         ORDER BY p.occurred_at DESC, p.activity_id DESC
     """

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from groupsync_pipeline.config import ConfigError, Connection
+from groupsync_pipeline.config import Connection, env_number
 from groupsync_pipeline.connected_apps import open_connector
 from groupsync_pipeline.connectors.base import Connector, DeltaExpiredError
 from groupsync_pipeline.storage.control import ControlStore
@@ -44,16 +44,7 @@ def sync_settings_from_env(
     default = ShrinkPolicy()
 
     def number(name: str, fallback: float, low: float, high: float) -> float:
-        raw = environ.get(name, "").strip()
-        if not raw:
-            return fallback
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be a number from {low:g} to {high:g}: {raw!r}")
-        return value
+        return env_number(environ, name, fallback, low, high)
 
     share = number(SHRINK_LIMIT_ENV, default.share, 0.0, 1.0)
     minimum = int(number(SHRINK_MIN_MEMBERS_ENV, default.min_members, 0, 1e9))

@@ -596,15 +596,14 @@ def _empty_alerts(conn: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 
 # A tag matches a group entry by group_id, or by name case-insensitively (names repeat across
-# connections: all of them match). user_groups is LEFT joined so a tag of a group whose row is
-# gone still matches by id.
-_TAG_MATCH = "(list_contains(${p}_ids, ag.group_id) OR list_contains(${p}_names, lower(g.name)))"
+# connections: all of them match). Tags are stored by group_key (see schema.sql).
+_TAG_MATCH = "(list_contains(${p}_ids, g.group_id) OR list_contains(${p}_names, lower(g.name)))"
 
 
 def _group_exists(prefix: str) -> str:
     return (
-        "EXISTS (SELECT 1 FROM activity_groups AS ag"
-        " LEFT JOIN user_groups AS g ON g.group_id = ag.group_id"
+        "EXISTS (SELECT 1 FROM _activity_group_keys AS ag"
+        " JOIN user_groups AS g ON g.group_key = ag.group_key"
         f" WHERE ag.activity_id = a.activity_id AND {_TAG_MATCH.format(p=prefix)})"
     )
 
@@ -728,11 +727,10 @@ WITH {rows},
 alert_groups AS (
     -- The actor's tags that made it match (with no include_groups: all of its tags).
     SELECT r.connection, r.actor_key, r.burst,
-           list(DISTINCT coalesce(g.name, ag.group_id) ORDER BY coalesce(g.name, ag.group_id))
-               AS groups
+           list(DISTINCT g.name ORDER BY g.name) AS groups
     FROM alert_rows AS r
-    JOIN activity_groups AS ag ON ag.activity_id = r.activity_id
-    LEFT JOIN user_groups AS g ON g.group_id = ag.group_id
+    JOIN _activity_group_keys AS ag ON ag.activity_id = r.activity_id
+    JOIN user_groups AS g ON g.group_key = ag.group_key
     WHERE {group_filter}
     GROUP BY ALL
 ),

@@ -210,3 +210,35 @@ def test_concurrent_ingests_store_each_event_once(env, quiet_tenant: GraphSandbo
     assert sorted(r[0] for r in rows) == sorted(injected)
     ids = query(data_dir, "SELECT count(DISTINCT activity_id), count(*) FROM activities")
     assert ids[0][0] == ids[0][1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GROUPSYNC_ACTIVITY_OVERLAP_MINUTES", "two hours"),
+        ("GROUPSYNC_ACTIVITY_OVERLAP_MINUTES", "-5"),
+        ("GROUPSYNC_ACTIVITY_BACKFILL_HOURS", "9999"),
+    ],
+)
+def test_bad_ingest_settings_fail_clearly_and_read_nothing(
+    env, quiet_tenant: GraphSandbox, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    _, _, data_dir = env
+    quiet_tenant.reset_log()
+    monkeypatch.setenv(variable, value)
+    result = ingest(env)
+    assert not result.success
+    assert f"{variable} must be a number from" in failure_message(result)
+    assert not any(r.path.startswith("/v1.0/auditLogs") for r in quiet_tenant.requests)
+    assert not (data_dir / "groupsync.duckdb").exists()
+
+
+def test_an_unknown_connection_in_run_config_fails_clearly(env) -> None:
+    instance, connections, data_dir = env
+    result = run_job(
+        instance, "ingest_activities", {"connections": ["nope"]}, connections, data_dir
+    )
+    assert not result.success
+    message = failure_message(result)
+    assert "nope" in message and "contoso" in message  # names the configured connections
+    assert not (data_dir / "groupsync.duckdb").exists()

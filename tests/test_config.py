@@ -70,6 +70,8 @@ def test_environment_variable_names_the_file(
         ({"sandbox": "yes"}, "sandbox", "true or false"),
         ({"authority_host": "https://"}, "authority_host", "with a host"),
         ({"graph_url": "https://graph.example/v1.0?x=1"}, "graph_url", "no query"),
+        ({"management_url": "http://manage.example"}, "management_url", "https://"),
+        ({"management_url": ""}, "management_url", "non-empty string"),
         ({"tenant_id": "contoso/../evil"}, "tenant_id", "use the id"),
         ({"client_id": "id with spaces"}, "client_id", "use the id"),
     ],

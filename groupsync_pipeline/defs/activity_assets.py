@@ -3,23 +3,20 @@
 from datetime import UTC, datetime
 
 import dagster as dg
-from pydantic import Field
 
 from groupsync_pipeline.activity_ingest import IngestSettings, ingest_connection
 from groupsync_pipeline.alert_emails import AlertEmailRound, send_pending_alert_emails
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
-from groupsync_pipeline.defs.assets import WAREHOUSE_POOL, imported_group_members
+from groupsync_pipeline.defs.assets import (
+    WAREHOUSE_POOL,
+    ConnectionsConfig,
+    imported_group_members,
+)
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.notifications import SmtpSettings
 from groupsync_pipeline.policies import evaluate_policies, load_policies
 from groupsync_pipeline.storage.warehouse import WarehouseBusyError, WarehousePublishError
-
-
-class ActivitiesConfig(dg.Config):
-    connections: list[str] = Field(
-        default=[], description="Connections whose audit logs to read; empty: all configured."
-    )
 
 
 @dg.asset(
@@ -34,7 +31,7 @@ class ActivitiesConfig(dg.Config):
 )
 def activities(
     context: dg.AssetExecutionContext,
-    config: ActivitiesConfig,
+    config: ConnectionsConfig,
     connections: ConnectionsResource,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:

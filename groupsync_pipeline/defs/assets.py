@@ -19,9 +19,9 @@ from groupsync_pipeline.storage.control import NewRequest
 WAREHOUSE_POOL = "groupsync_warehouse"  # limit 1 in dagster.yaml: one writer at a time
 
 
-class CatalogConfig(dg.Config):
+class ConnectionsConfig(dg.Config):
     connections: list[str] = Field(
-        default=[], description="Connections to refresh; empty: all configured."
+        default=[], description="Connections to work on; empty: every configured one."
     )
 
 
@@ -33,7 +33,7 @@ class CatalogConfig(dg.Config):
 )
 def group_catalog(
     context: dg.AssetExecutionContext,
-    config: CatalogConfig,
+    config: ConnectionsConfig,
     connections: ConnectionsResource,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:

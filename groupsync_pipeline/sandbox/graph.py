@@ -1381,22 +1381,23 @@ class GraphSandbox:
                     f"The query parameter '{name}' is not supported by this sandbox endpoint.",
                 )
 
-    def _top(self, params: dict[str, str]) -> int:
+    def _top(
+        self, params: dict[str, str], default: int = DEFAULT_PAGE, maximum: int = MAX_PAGE
+    ) -> int:
         raw = params.get("$top")
         if raw is None:
-            return DEFAULT_PAGE
+            return default
         try:
             top = int(raw)
         except ValueError:
             raise GraphError(
                 400, "BadRequest", f"Invalid value '{raw}' for query option '$top'."
             ) from None
-        if not 1 <= top <= MAX_PAGE:
+        if not 1 <= top <= maximum:
             raise GraphError(
                 400,
                 "Request_UnsupportedQuery",
-                f"Invalid page size specified: '{top}'. Must be between 1 and {MAX_PAGE} "
-                "inclusive.",
+                f"Invalid page size specified: '{top}'. Must be between 1 and {maximum} inclusive.",
             )
         return top
 
@@ -2098,7 +2099,7 @@ class GraphSandbox:
         time_field = "createdDateTime" if sign_ins else "activityDateTime"
         params = req.params()
         self._check_query(params, set(_AUDIT_PARAMS))
-        top = self._audit_top(params)
+        top = self._top(params, default=AUDIT_MAX_PAGE, maximum=AUDIT_MAX_PAGE)
         orderby = params.get("$orderby", "").strip()
         if orderby and re.fullmatch(rf"{time_field}(\s+desc)?", orderby, re.IGNORECASE) is None:
             raise GraphError(400, "Request_UnsupportedQuery", "Unsupported sort property.")
@@ -2142,25 +2143,6 @@ class GraphSandbox:
             body["@odata.nextLink"] = f"{self.graph_url}/{entity}?{query}"
         body["value"] = [render(e) for e in page]
         return _Response(200, body)
-
-    def _audit_top(self, params: dict[str, str]) -> int:
-        raw = params.get("$top")
-        if raw is None:
-            return AUDIT_MAX_PAGE
-        try:
-            top = int(raw)
-        except ValueError:
-            raise GraphError(
-                400, "BadRequest", f"Invalid value '{raw}' for query option '$top'."
-            ) from None
-        if not 1 <= top <= AUDIT_MAX_PAGE:
-            raise GraphError(
-                400,
-                "Request_UnsupportedQuery",
-                f"Invalid page size specified: '{top}'. Must be between 1 and {AUDIT_MAX_PAGE} "
-                "inclusive.",
-            )
-        return top
 
     def _audit_match(self, event: ActivityEvent, equals: dict[str, str], sign_ins: bool) -> bool:
         d = self.activity.details(event)

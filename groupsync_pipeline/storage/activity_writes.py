@@ -19,6 +19,7 @@ import pandas as pd
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity
 from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
+from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import (
     record_connection,
     replace_current_members,
@@ -65,10 +66,7 @@ class ActivityStaging:
         self._buffer: list[Activity] = []
         self.rows = 0
         self.pages = 0
-        self._conn = duckdb.connect(str(path))
-        self._conn.execute("SET checkpoint_threshold = '1TB'")  # read once, then deleted
-        self._conn.execute("PRAGMA disable_checkpoint_on_shutdown")
-        self._conn.execute(_STAGED_DDL)
+        self._conn = open_staging_file(path, _STAGED_DDL)
 
     def add(self, page: list[Activity]) -> None:
         self.pages += 1
@@ -104,8 +102,7 @@ class ActivityStaging:
         try:
             self._conn.close()
         finally:
-            for suffix in ("", ".wal"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            remove_staging_file(self.path)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, DeltaPage
+from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import record_connection
 
 _STAGING_DDL = """
@@ -58,11 +59,7 @@ class DeltaStaging:
         self.edge_ops = 0
         self._objects: list[tuple] = []
         self._edges: list[tuple] = []
-        self.conn = duckdb.connect(str(path))
-        # Rows stay in the write-ahead log; the file is read once and deleted.
-        self.conn.execute("SET checkpoint_threshold = '1TB'")
-        self.conn.execute("PRAGMA disable_checkpoint_on_shutdown")
-        self.conn.execute(_STAGING_DDL)
+        self.conn = open_staging_file(path, _STAGING_DDL)
 
     def add(self, page: DeltaPage) -> None:
         self.pages += 1
@@ -124,8 +121,7 @@ class DeltaStaging:
 
     def remove(self) -> None:
         self.conn.close()
-        for suffix in ("", ".wal"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        remove_staging_file(self.path)
 
 
 def resolve_round(

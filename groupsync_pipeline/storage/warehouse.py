@@ -43,6 +43,25 @@ class WarehousePublishError(RuntimeError):
     """A commit succeeded but the snapshot people read could not be replaced yet."""
 
 
+def open_staging_file(path: Path, ddl: str) -> duckdb.DuckDBPyConnection:
+    """A private DuckDB file that streams one run's rows to disk (bounded memory).
+
+    Rows stay in the write-ahead log: the file is read once by the merge and deleted, so
+    checkpointing (compressing) it would be wasted work.
+    """
+    conn = duckdb.connect(str(path))
+    conn.execute("SET checkpoint_threshold = '1TB'")
+    conn.execute("PRAGMA disable_checkpoint_on_shutdown")
+    conn.execute(ddl)
+    return conn
+
+
+def remove_staging_file(path: Path) -> None:
+    """Delete a staging DuckDB file and its write-ahead log."""
+    for suffix in ("", ".wal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def schema_sql() -> str:
     return resources.files("groupsync_pipeline.storage").joinpath("schema.sql").read_text()
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, RemoteGroup
+from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 
 _STAGED_DDL = """
 CREATE TABLE IF NOT EXISTS staged_accounts (
@@ -111,12 +112,7 @@ class MemberStaging:
         self.rows = 0
         self.other_members: Counter[str] = Counter()
         self.pages = 0
-        self._conn = duckdb.connect(str(path))
-        # Staged rows stay in the write-ahead log (on disk, so memory stays bounded): the file
-        # is read once by the merge and deleted, so compressing it at close would be wasted.
-        self._conn.execute("SET checkpoint_threshold = '1TB'")
-        self._conn.execute("PRAGMA disable_checkpoint_on_shutdown")
-        self._conn.execute(_STAGED_DDL)
+        self._conn = open_staging_file(path, _STAGED_DDL)
 
     def add(self, accounts: list[Account], other_members: Counter[str] | None = None) -> None:
         self.pages += 1
@@ -151,8 +147,7 @@ class MemberStaging:
 
     def remove(self) -> None:
         self._conn.close()
-        for suffix in ("", ".wal"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        remove_staging_file(self.path)
 
 
 @dataclass(frozen=True)
