@@ -91,23 +91,70 @@ _DATA_DIR_OPTION = click.option(
     help="The group's id or exact display name; repeat for several groups.",
 )
 @click.option("--notify", default=None, help="Email this address when each import ends.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Return only when every import has ended and its members are queryable, "
+    "printing progress; exit 1 if one failed, 2 if time ran out.",
+)
+@click.option(
+    "--timeout",
+    default="10m",
+    show_default=True,
+    help="With --wait: how long to wait (90s, 10m, 2h). The imports go on after it.",
+)
 @_DATA_DIR_OPTION
 def import_group_command(
-    connection: str, groups: tuple[str, ...], notify: str | None, data_dir: Path | None
+    connection: str,
+    groups: tuple[str, ...],
+    notify: str | None,
+    wait: bool,
+    timeout: str,
+    data_dir: Path | None,
 ) -> None:
-    """Ask for groups to be imported; answers at once with the request ids."""
-    from groupsync_pipeline.import_requests import RequestRefusedError, request_imports
+    """Ask for groups to be imported; answers at once with the request ids (or, with --wait,
+    when the members are queryable)."""
+    from groupsync_pipeline.import_requests import (
+        RequestRefusedError,
+        request_imports,
+    )
+    from groupsync_pipeline.investigation import InvestigationError, parse_duration
 
     try:
-        ids = request_imports(connection, list(groups), _warehouse(data_dir), notify_email=notify)
+        wait_for = parse_duration(timeout, "--timeout").total_seconds()
+    except InvestigationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timeout") from None
+    warehouse = _warehouse(data_dir)
+    try:
+        ids = request_imports(connection, list(groups), warehouse, notify_email=notify)
     except RequestRefusedError as exc:
         raise click.ClickException(f"{exc}. Nothing was recorded.") from None
     for request_id, group in zip(ids, groups, strict=True):
         click.echo(f"request {request_id}: import of {group!r} from {connection} is pending")
-    click.echo(
-        "The import_request_sensor launches it within a minute; `groupsync requests` "
-        "shows progress."
-    )
+    if not wait:
+        click.echo(
+            "The import_request_sensor launches it within seconds (with Dagster's daemon "
+            "running). Follow it with `groupsync requests`, or wait for it with "
+            f"`groupsync requests wait {' '.join(map(str, ids))}`."
+        )
+        return
+    _follow(ids, warehouse, wait_for)
+
+
+def _follow(ids: list[int], warehouse: Any, timeout: float) -> None:
+    from groupsync_pipeline.import_requests import follow_requests
+
+    outcome = follow_requests(ids, warehouse, timeout=timeout, echo=click.echo)
+    if outcome.unfinished:
+        click.echo(
+            f"gave up waiting after {timeout:.0f} s for request(s) "
+            f"{', '.join(map(str, outcome.unfinished))}; they go on (is Dagster's daemon "
+            "running? `dg dev` or `dagster-daemon run` starts it)",
+            err=True,
+        )
+        sys.exit(2)
+    if outcome.failed:
+        sys.exit(1)
 
 
 def _when(moment: Any) -> str:
@@ -115,7 +162,7 @@ def _when(moment: Any) -> str:
 
 
 @main.group("requests", invoke_without_command=True)
-@click.option("--status", type=click.Choice(["pending", "running", "done", "failed"]))
+@click.option("--status", type=click.Choice(["pending", "running", "done", "failed", "canceled"]))
 @click.option("--limit", default=50, show_default=True)
 @_DATA_DIR_OPTION
 @click.pass_context
@@ -149,14 +196,49 @@ def requests_command(
 @click.argument("request_id", type=int)
 @click.pass_obj
 def retry_command(data_dir: Path | None, request_id: int) -> None:
-    """Ask again for a failed import (a new request that names the old one)."""
+    """Ask again for a failed or canceled import (a new request that names the old one)."""
     from groupsync_pipeline.import_requests import RequestRefusedError, retry_request
 
     try:
         new_id = retry_request(request_id, _warehouse(data_dir))
     except RequestRefusedError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc}. Nothing was recorded.") from None
     click.echo(f"request {new_id}: retry of request {request_id} is pending")
+
+
+@requests_command.command("cancel")
+@click.argument("request_id", type=int)
+@click.pass_obj
+def cancel_command(data_dir: Path | None, request_id: int) -> None:
+    """Cancel a pending import request (a run already started for it imports nothing)."""
+    import getpass
+
+    from groupsync_pipeline.storage.control import ControlStore, RequestRefusal
+
+    try:
+        request = ControlStore(_warehouse(data_dir).data_dir).cancel(request_id, getpass.getuser())
+    except RequestRefusal as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"request {request.request_id}: canceled")
+
+
+@requests_command.command("wait")
+@click.argument("request_ids", type=int, nargs=-1, required=True)
+@click.option("--timeout", default="10m", show_default=True, help="How long to wait.")
+@click.pass_obj
+def wait_command(data_dir: Path | None, request_ids: tuple[int, ...], timeout: str) -> None:
+    """Wait until the requests ended and their members are queryable, printing progress."""
+    from groupsync_pipeline.import_requests import RequestRefusedError
+    from groupsync_pipeline.investigation import InvestigationError, parse_duration
+
+    try:
+        seconds = parse_duration(timeout, "--timeout").total_seconds()
+    except InvestigationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timeout") from None
+    try:
+        _follow(list(request_ids), _warehouse(data_dir), seconds)
+    except RequestRefusedError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("confirm-shrink")

@@ -1,15 +1,18 @@
 """Asking for group imports: validate against the catalog, then record in the control store.
 
-A request is refused as a whole (nothing recorded) when any group in it cannot be imported:
-unknown connection, a group not in the connection's catalog, a group already imported or
-already requested, a bad notification address, or the product's limit on imported groups.
+Every way of asking (the command line, a retry, a launchpad run, a re-executed run) goes
+through ``record_checked``: the group must not be imported already nor held by an active
+request, and imported plus requested groups must stay within the product's limit, all checked
+in the control store's recording transaction. A refused request records nothing.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from groupsync_pipeline.config import (
     ConfigError,
@@ -22,9 +25,12 @@ from groupsync_pipeline.connected_apps import open_connector
 from groupsync_pipeline.connectors.base import GroupNotFoundError, close_matches
 from groupsync_pipeline.storage.control import (
     ControlStore,
+    ImportedGroups,
+    ImportRequest,
     NewRequest,
-    RequestConflictError,
     RequestLimitError,
+    RequestRefusal,
+    committed_import,
 )
 from groupsync_pipeline.storage.warehouse import Warehouse
 
@@ -52,8 +58,11 @@ def max_imported_groups(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def _resolve(reference: str, catalog: list[CatalogEntry], connection: str) -> CatalogEntry:
-    """The catalog group with this id, else with exactly this display name."""
+    """The catalog group with this id (whatever its shape), else with exactly this name."""
     for entry in catalog:
+        if entry.remote_id == reference.strip():
+            return entry
+    for entry in catalog:  # Graph's GUIDs are case-insensitive; other apps' ids may not be
         if entry.remote_id.lower() == reference.strip().lower():
             return entry
     named = [entry for entry in catalog if entry.name == reference]
@@ -81,6 +90,51 @@ def _live_entry(connection: Connection, reference: str) -> CatalogEntry:
     return CatalogEntry(group.remote_id, group.name)
 
 
+def imported_groups(warehouse: Warehouse) -> ImportedGroups:
+    """Every imported group that exists now, per the warehouse, and when that was read."""
+    read_at = datetime.now(UTC)
+    with warehouse.read() as conn:
+        rows = conn.execute(
+            "SELECT connection, remote_group_id, group_id, imported_at FROM user_groups "
+            "WHERE type = 'imported' AND deleted_at IS NULL"
+        ).fetchall()
+    return ImportedGroups(
+        live={
+            (connection, remote_id): f"as {group_id} (since {imported_at:%Y-%m-%d %H:%M} UTC)"
+            for connection, remote_id, group_id, imported_at in rows
+        },
+        read_at=read_at,
+    )
+
+
+def record_checked(
+    requests: list[NewRequest],
+    warehouse: Warehouse,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    reimport: bool = False,
+) -> list[int]:
+    """Record the requests, or refuse them all (RequestRefusedError): the one path every
+    request takes, so the limit and the duplicate checks hold whoever asks. ``reimport``
+    lets an imported group be read again in full (the launchpad's way to re-import one)."""
+    try:
+        limit = max_imported_groups(environ)
+    except ConfigError as exc:
+        raise RequestRefusedError(str(exc)) from None
+    known = imported_groups(warehouse)
+    try:
+        return ControlStore(warehouse.data_dir).add_requests(
+            requests, limit=limit, imported=known, reimport=reimport
+        )
+    except RequestLimitError as exc:
+        raise RequestRefusedError(
+            f"at most {limit} groups can be imported ({MAX_IMPORTED_GROUPS_ENV}): "
+            f"{exc.imported} are imported and {exc.active} requested already"
+        ) from None
+    except RequestRefusal as exc:
+        raise RequestRefusedError(str(exc)) from None
+
+
 def request_imports(
     connection_name: str,
     group_references: list[str],
@@ -96,7 +150,6 @@ def request_imports(
     try:
         connection = find_connection(load_connections(connections_file), connection_name)
         notify = None if notify_email is None else check_email_address(notify_email)
-        limit = max_imported_groups(environ)
     except ConfigError as exc:
         raise RequestRefusedError(str(exc)) from None
     with warehouse.read() as conn:
@@ -108,17 +161,6 @@ def request_imports(
                 [connection.name],
             ).fetchall()
         ]
-        imported = {
-            row[0]: (row[1], row[2])
-            for row in conn.execute(
-                "SELECT remote_group_id, group_id, imported_at FROM user_groups "
-                "WHERE type = 'imported' AND connection = ? AND deleted_at IS NULL",
-                [connection.name],
-            ).fetchall()
-        }
-        imported_total = conn.execute(
-            "SELECT count(*) FROM user_groups WHERE type = 'imported' AND deleted_at IS NULL"
-        ).fetchall()[0][0]
     entries: list[CatalogEntry] = []
     for reference in group_references:
         entry = (
@@ -126,63 +168,134 @@ def request_imports(
             if catalog
             else _live_entry(connection, reference)
         )
-        if entry.remote_id in imported:
-            group_id, imported_at = imported[entry.remote_id]
-            raise RequestRefusedError(
-                f"'{entry.name}' is already imported as {group_id} (since "
-                f"{imported_at:%Y-%m-%d %H:%M} UTC); it re-syncs every hour"
-            )
         if any(e.remote_id == entry.remote_id for e in entries):
             raise RequestRefusedError(f"'{entry.name}' is named twice in this request")
         entries.append(entry)
-    control = ControlStore(warehouse.data_dir)
-    try:
-        return control.add_requests(
-            [
-                NewRequest(
-                    connection=connection.name,
-                    group_reference=reference,
-                    remote_group_id=entry.remote_id,
-                    group_name=entry.name,
-                    notify_email=notify,
-                )
-                for reference, entry in zip(group_references, entries, strict=True)
-            ],
-            max_active=limit - imported_total,
-        )
-    except RequestConflictError as exc:
-        raise RequestRefusedError(str(exc)) from None
-    except RequestLimitError as exc:
-        raise RequestRefusedError(
-            f"at most {limit} groups can be imported ({MAX_IMPORTED_GROUPS_ENV}): "
-            f"{imported_total} are imported and {exc.active} requested already"
-        ) from None
+    return record_checked(
+        [
+            NewRequest(
+                connection=connection.name,
+                group_reference=reference,
+                remote_group_id=entry.remote_id,
+                group_name=entry.name,
+                notify_email=notify,
+            )
+            for reference, entry in zip(group_references, entries, strict=True)
+        ],
+        warehouse,
+        environ,
+    )
 
 
-def retry_request(request_id: int, warehouse: Warehouse) -> int:
-    """A new pending request repeating a failed one; returns its id."""
+def retry_request(
+    request_id: int, warehouse: Warehouse, environ: Mapping[str, str] = os.environ
+) -> int:
+    """A new pending request repeating a failed or canceled one; returns its id."""
     control = ControlStore(warehouse.data_dir)
     original = control.get(request_id)
     if original is None:
         raise RequestRefusedError(f"no request {request_id}")
-    if original.status != "failed":
+    if original.status not in ("failed", "canceled"):
         raise RequestRefusedError(
-            f"request {request_id} is {original.status}: only failed requests can be retried"
+            f"request {request_id} is {original.status}: only failed or canceled requests "
+            "can be retried"
         )
-    try:
-        (new_id,) = control.add_requests(
-            [
-                NewRequest(
-                    connection=original.connection,
-                    group_reference=original.group_reference,
-                    remote_group_id=original.remote_group_id,
-                    group_name=original.group_name,
-                    notify_email=original.notify_email,
-                    source="retry",
-                    retry_of=original.request_id,
-                )
-            ]
-        )
-    except RequestConflictError as exc:
-        raise RequestRefusedError(str(exc)) from None
+    (new_id,) = record_checked(
+        [
+            NewRequest(
+                connection=original.connection,
+                group_reference=original.group_reference,
+                remote_group_id=original.remote_group_id,
+                group_name=original.group_name,
+                notify_email=original.notify_email,
+                source="retry",
+                retry_of=original.request_id,
+            )
+        ],
+        warehouse,
+        environ,
+    )
     return new_id
+
+
+# --- following requests until their members are queryable ----------------------------------
+
+
+@dataclass
+class FollowResult:
+    done: list[int]
+    failed: list[int]
+    unfinished: list[int]  # still pending or running when the time was up
+
+
+def _queryable(warehouse: Warehouse, request: ImportRequest) -> bool:
+    """Whether the analysts' data holds the import of the request's run."""
+    from groupsync_pipeline.investigation import InvestigationError, open_snapshot
+
+    try:
+        with open_snapshot(warehouse.published_path, "group_syncs") as conn:
+            return committed_import(conn, request) is not None
+    except InvestigationError:
+        return False
+
+
+def describe_state(request: ImportRequest) -> str:
+    """One line about where a request stands, for people following it."""
+    name = request.group_name or request.group_reference
+    if request.status == "pending":
+        stage = "launched, waiting for its run" if request.launched_at else "not launched yet"
+        return f"request {request.request_id} ({name}): pending ({stage})"
+    if request.status == "running":
+        read = (
+            f": {request.progress_pages} pages, {request.progress_members} members read so far"
+            if request.progress_pages
+            else ""
+        )
+        return f"request {request.request_id} ({name}): running in run {request.run_id}{read}"
+    if request.status == "done":
+        return (
+            f"request {request.request_id} ({name}): done, {request.members} members "
+            f"in {request.duration_seconds or 0:.1f} s"
+        )
+    return f"request {request.request_id} ({name}): {request.status}: {request.error}"
+
+
+def follow_requests(
+    request_ids: list[int],
+    warehouse: Warehouse,
+    *,
+    timeout: float,
+    echo: Callable[[str], None],
+    poll_seconds: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+) -> FollowResult:
+    """Wait until each request failed, or is done with its members queryable, printing every
+    change of state; give up after ``timeout`` seconds."""
+    control = ControlStore(warehouse.data_dir)
+    deadline = clock() + timeout
+    shown: dict[int, str] = {}
+    result = FollowResult([], [], [])
+    waiting = list(request_ids)
+    while waiting:
+        for request_id in list(waiting):
+            request = control.get(request_id)
+            if request is None:
+                raise RequestRefusedError(f"no request {request_id}")
+            line = describe_state(request)
+            settled = request.status in ("failed", "canceled")
+            if request.status == "done":
+                settled = _queryable(warehouse, request)
+                if not settled:
+                    line += " (committed; waiting for the analysts' copy)"
+            if shown.get(request_id) != line:
+                echo(line)
+                shown[request_id] = line
+            if settled:
+                waiting.remove(request_id)
+                (result.done if request.status == "done" else result.failed).append(request_id)
+        if waiting and clock() >= deadline:
+            result.unfinished = waiting
+            break
+        if waiting:
+            time.sleep(poll_seconds)
+    return result

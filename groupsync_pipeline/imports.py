@@ -47,16 +47,17 @@ def import_group_members(
     run_id: str | None = None,
     log: Log = lambda message: None,
     progress_every: int = 10,
-    on_merged: Callable[[ImportOutcome], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ImportOutcome:
     """Read every member of the group and make the warehouse match, in one transaction.
 
-    ``on_merged`` runs inside that transaction, after the merge: an exception from it undoes
-    the import.
+    ``on_progress(pages, members)`` is called after every page read.
     """
     started = time.monotonic()
 
     def on_page(pages: int, members: int) -> None:
+        if on_progress is not None:
+            on_progress(pages, members)
         if pages % progress_every == 0:
             log(f"{connection.name}: {pages} pages fetched, {members} members so far")
 
@@ -78,26 +79,26 @@ def import_group_members(
             )
         preview = staging.preview()
         with warehouse.write() as conn:
+            # One duration for the run's metadata, the request, its email and group_syncs.
+            duration = time.monotonic() - started
             result = merge_group_members(
                 conn,
                 connection=connection,
                 group=group,
                 staging=staging,
                 run_id=run_id,
-                duration_seconds=time.monotonic() - started,
+                duration_seconds=duration,
                 now=datetime.now(UTC),
             )
-            outcome = ImportOutcome(
-                connection=connection.name,
-                group=group,
-                result=result,
-                pages=staging.pages,
-                other_members=dict(staging.other_members),
-                duration_seconds=time.monotonic() - started,
-                preview=preview,
-            )
-            if on_merged is not None:
-                on_merged(outcome)  # before the commit: what it records is published with it
+        outcome = ImportOutcome(
+            connection=connection.name,
+            group=group,
+            result=result,
+            pages=staging.pages,
+            other_members=dict(staging.other_members),
+            duration_seconds=duration,
+            preview=preview,
+        )
     finally:
         staging.remove()
     log(

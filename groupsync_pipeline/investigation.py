@@ -88,6 +88,14 @@ def parse_until(text: str, now: datetime | None = None) -> datetime:
     return _parse_time(text, now or datetime.now(UTC), "--until", end_of_day=True)
 
 
+def parse_duration(text: str, option: str) -> timedelta:
+    """A length of time as people type it for ``option``: 30s, 10m, 2h, 1d, 1w."""
+    match = _DURATION.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise InvestigationError(f"{option} {text!r} is not a duration such as 90s, 10m or 2h")
+    return timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
+
+
 def parse_countries(
     codes: tuple[str, ...] | list[str], option: str = "--country"
 ) -> tuple[str, ...]:

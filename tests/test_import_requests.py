@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from groupsync_pipeline.cli import main
 from groupsync_pipeline.definitions import defs
-from groupsync_pipeline.defs.assets import REQUEST_TAG
 from groupsync_pipeline.defs.resources import WarehouseResource
 from groupsync_pipeline.defs.sensors import import_request_sensor, run_key
+from groupsync_pipeline.import_runs import REQUEST_ID_TAG
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.smtp_sink import SmtpSink
 from groupsync_pipeline.storage.control import ControlStore, NewRequest
@@ -57,12 +57,9 @@ def cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def tick(
-    instance: dg.DagsterInstance, data_dir: Path, cursor: str | None = None
-) -> dg.SensorResult:
+def tick(instance: dg.DagsterInstance, data_dir: Path) -> dg.SensorResult:
     context = dg.build_sensor_context(
         instance=instance,
-        cursor=cursor,
         resources={"warehouse": WarehouseResource(data_dir=str(data_dir))},
     )
     result = import_request_sensor(context)
@@ -161,16 +158,17 @@ def test_sensor_launches_one_run_per_request_and_sends_one_email(
     assert code == 0
     first = tick(instance, data_dir)
     (request,) = first.run_requests
-    assert request.run_key == run_key(1) and request.tags[REQUEST_TAG] == "1"
-    # The next tick does not launch it again; nor does a sensor whose cursor was lost, whose
-    # request carries the same run key (which Dagster refuses to launch twice).
-    assert tick(instance, data_dir, first.cursor).run_requests == []
+    stored = ControlStore(data_dir).get(1)
+    assert stored is not None and stored.launched_at is not None
+    assert request.run_key == run_key(stored) and request.tags[REQUEST_ID_TAG] == "1"
+    # The next tick does not launch it again.
+    assert tick(instance, data_dir).run_requests == []
     run = launch(instance, request)
     assert run.success
     assert requests_table(data_dir)[0][:2] == (1, "done")
     assert query(data_dir, "SELECT request_id, status FROM import_requests") == [(1, "done")]
 
-    tick(instance, data_dir, first.cursor)
+    tick(instance, data_dir)
     (mail,) = smtp.wait_for(1)
     assert mail.rcpt_tos == ("ciso@example.com",)
     assert "'Executives' imported from contoso" in mail.message["Subject"]
@@ -179,8 +177,8 @@ def test_sensor_launches_one_run_per_request_and_sends_one_email(
     assert f"{members}" in body
     assert f"https://dagster.example.test/runs/{run.run_id}" in body
     # Repeated ticks (a restarted or failed tick included) send nothing more.
-    tick(instance, data_dir, first.cursor)
-    tick(instance, data_dir, None)
+    tick(instance, data_dir)
+    tick(instance, data_dir)
     assert len(smtp.received) == 1
     assert ControlStore(data_dir).outbox()[0]["status"] == "sent"
 
@@ -200,7 +198,7 @@ def test_failed_import_marks_request_and_emails_the_error(
     assert not run.success
     (row,) = requests_table(data_dir)
     assert row[1] == "failed" and "HTTP 400" in row[3]
-    tick(instance, data_dir, "1")
+    tick(instance, data_dir)
     (mail,) = smtp.wait_for(1)
     assert "failed" in mail.message["Subject"]
     body = mail.message.get_body(("plain",)).get_content()
@@ -209,12 +207,13 @@ def test_failed_import_marks_request_and_emails_the_error(
     sandbox.faults.clear()
     code, out = cli("requests", "retry", "1")
     assert code == 0 and "request 2: retry of request 1" in out
-    (retry,) = tick(instance, data_dir, "1").run_requests
-    assert retry.run_key == run_key(2)
+    (retry,) = tick(instance, data_dir).run_requests
+    retried = ControlStore(data_dir).get(2)
+    assert retried is not None and retry.run_key == run_key(retried)
     assert launch(instance, retry).success
     assert [r[:2] for r in requests_table(data_dir)] == [(1, "failed"), (2, "done")]
     code, out = cli("requests", "retry", "2")
-    assert code != 0 and "only failed requests" in out
+    assert code != 0 and "only failed or canceled requests" in out
 
 
 def test_no_email_without_notify_and_none_when_smtp_is_off(
@@ -230,7 +229,7 @@ def test_no_email_without_notify_and_none_when_smtp_is_off(
     for request in tick(instance, data_dir).run_requests:
         assert launch(instance, request).success
     monkeypatch.delenv("GROUPSYNC_SMTP_HOST")
-    tick(instance, data_dir, "2")
+    tick(instance, data_dir)
     assert smtp.received == []
     (entry,) = ControlStore(data_dir).outbox()  # only the request that asked for one
     assert entry["request_id"] == 2 and entry["status"] == "skipped"
@@ -254,19 +253,19 @@ def test_smtp_down_is_retried_later_and_never_fails_the_import(
     )
     (request,) = tick(instance, data_dir).run_requests
     assert launch(instance, request).success
-    tick(instance, data_dir, "1")
+    tick(instance, data_dir)
     (entry,) = ControlStore(data_dir).outbox()
     assert entry["status"] == "pending" and entry["attempts"] == 1
     assert f"127.0.0.1:{port}" in entry["last_error"]
     assert requests_table(data_dir)[0][1] == "done"
-    tick(instance, data_dir, "1")  # not due yet: no second attempt
+    tick(instance, data_dir)  # not due yet: no second attempt
     assert ControlStore(data_dir).outbox()[0]["attempts"] == 1
     with SmtpSink() as sink:
         monkeypatch.setenv("GROUPSYNC_SMTP_PORT", str(sink.port))
         with sqlite3.connect(data_dir / "control.sqlite3") as conn:  # the wait has passed
             conn.execute("UPDATE email_outbox SET next_attempt_at = '2000-01-01T00:00:00+00:00'")
-        tick(instance, data_dir, "1")
-        tick(instance, data_dir, "1")
+        tick(instance, data_dir)
+        tick(instance, data_dir)
         (mail,) = sink.wait_for(1)
         assert mail.rcpt_tos == ("a@example.com",)
         assert len(sink.received) == 1
@@ -307,7 +306,7 @@ def test_request_whose_run_died_is_marked_failed(
     job = defs.resolve_job_def("import_user_group")
     run = instance.create_run_for_job(job, run_config=request.run_config, tags=request.tags)
     instance.report_run_failed(run)  # as when a run worker is killed before the step starts
-    tick(instance, data_dir, "1")
+    tick(instance, data_dir)
     (row,) = requests_table(data_dir)
     assert row[1] == "failed" and row[3]
 

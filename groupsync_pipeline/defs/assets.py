@@ -5,16 +5,22 @@ from dataclasses import asdict
 import dagster as dg
 from pydantic import Field
 
-from groupsync_pipeline.config import ConfigError, check_email_address
+from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
-from groupsync_pipeline.imports import ImportOutcome, import_group_members, refresh_group_catalog
+from groupsync_pipeline.import_runs import (
+    RunIdentity,
+    RunRefusedError,
+    carry_out,
+    claim_request,
+    request_tags,
+)
+from groupsync_pipeline.imports import refresh_group_catalog
 from groupsync_pipeline.membership_sync import (
     ConnectionSyncOutcome,
     sync_connection,
     sync_settings_from_env,
 )
-from groupsync_pipeline.storage.control import NewRequest
 
 WAREHOUSE_POOL = "groupsync_warehouse"  # limit 1 in dagster.yaml: one writer at a time
 
@@ -55,9 +61,6 @@ def group_catalog(
     if failures:
         raise dg.Failure(description="; ".join(failures), metadata=metadata)
     return dg.MaterializeResult(metadata=metadata)
-
-
-REQUEST_TAG = "groupsync/request_id"  # set on runs launched for a recorded import request
 
 
 class ImportGroupConfig(dg.Config):
@@ -109,71 +112,37 @@ def _import_one_group(
     connections: ConnectionsResource,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    control = warehouse.control()
-    tagged = context.run.tags.get(REQUEST_TAG)
-    if tagged is not None:
-        request_id = int(tagged)
-        control.mark_running(request_id, context.run.run_id)
-    else:
-        # Launched from the launchpad (or a script): recorded too, so one history shows all.
-        (request_id,) = control.add_requests(
-            [
-                NewRequest(
-                    connection=config.connection,
-                    group_reference=config.group,
-                    remote_group_id=None,
-                    group_name=None,
-                    notify_email=config.notify_email,
-                    source="launchpad",
-                    run_id=context.run.run_id,
-                )
-            ]
-        )
-    context.log.info(f"import request {request_id}")
+    run = context.run
+    connection, connection_error = None, None
     try:
-        if not config.connection:
-            raise dg.Failure(description="connection is required with a group")
-        connection = connections.get(config.connection)
-        if config.notify_email is not None:
-            try:
-                check_email_address(config.notify_email)
-            except ConfigError as exc:
-                raise dg.Failure(description=f"notify_email: {exc}") from None
-
-        def record_done(outcome: ImportOutcome) -> None:
-            control.mark_done(
-                request_id,
-                remote_group_id=outcome.group.remote_id,
-                group_name=outcome.group.name,
-                members=outcome.result.members,
-                joined=outcome.result.joined,
-                left=outcome.result.left,
-                nested_groups=outcome.other_members.get("group", 0),
-                pages=outcome.pages,
-                duration_seconds=outcome.duration_seconds,
-            )
-
-        try:
-            outcome = import_group_members(
-                connection,
-                config.group,
-                warehouse.get(),
-                run_id=context.run.run_id,
-                log=context.log.info,
-                on_merged=record_done,
-            )
-        except ConnectorError as exc:
-            raise dg.Failure(
-                description=f"import of '{config.group}' from '{connection.name}' failed: {exc}"
-            ) from None
-    except BaseException as exc:
-        message = exc.description if isinstance(exc, dg.Failure) else f"{type(exc).__name__}: {exc}"
-        control.mark_failed(request_id, message or type(exc).__name__)
-        raise
+        connection = connections.get(config.connection) if config.connection else None
+    except dg.Failure as exc:
+        connection_error = exc.description
+    try:
+        request = claim_request(
+            RunIdentity(run.run_id, dict(run.tags), run.parent_run_id),
+            connection=connection,
+            connection_error=connection_error,
+            group=config.group,
+            notify_email=config.notify_email,
+            warehouse=warehouse.get(),
+        )
+    except RunRefusedError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    context.instance.add_run_tags(run.run_id, request_tags(request))
+    context.log.info(f"import request {request.request_id}")
+    assert connection is not None  # a request is only claimed or recorded with a connection
+    try:
+        outcome = carry_out(request, connection, run.run_id, warehouse.get(), log=context.log.info)
+    except ConnectorError as exc:
+        raise dg.Failure(
+            description=f"import of '{request.group_name or config.group}' from "
+            f"'{connection.name}' failed: {exc}"
+        ) from None
     result = outcome.result
     return dg.MaterializeResult(
         metadata={
-            "request_id": request_id,
+            "request_id": request.request_id,
             "connection": outcome.connection,
             "group": outcome.group.name,
             "group_id": result.group_id,

@@ -11,6 +11,9 @@ import_user_group = dg.define_asset_job(
     selection=dg.AssetSelection.assets(imported_group_members),
     description="Import one group's members from a connected app "
     "(config: connection, group id or exact name, optional notify_email).",
+    # One process for the import and its checks: a subprocess per step would add seconds of
+    # start-up to every request, and the steps run one after another anyway.
+    executor_def=dg.in_process_executor,
 )
 
 refresh_group_catalogs = dg.define_asset_job(

@@ -1,25 +1,44 @@
-"""The import request sensor: launches requested imports and sends completion emails."""
+"""The import request sensor: launches requested imports, settles the requests whose run ended
+without saying so, and sends completion emails."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
 from groupsync_pipeline.completion_emails import send_completion_emails
-from groupsync_pipeline.defs.assets import REQUEST_TAG
+from groupsync_pipeline.config import ConfigError, env_number
 from groupsync_pipeline.defs.jobs import import_user_group
 from groupsync_pipeline.defs.resources import WarehouseResource
-from groupsync_pipeline.storage.control import ControlStore, ImportRequest
+from groupsync_pipeline.import_runs import REQUEST_KEY_TAG, request_tags
+from groupsync_pipeline.storage.control import ControlStore, ImportRequest, committed_import
+from groupsync_pipeline.storage.warehouse import Warehouse
 
+SENSOR_INTERVAL_SECONDS = 5  # the tick reads a small SQLite file: cheap enough to run often
 LAUNCH_BATCH = 25  # requests launched per tick: a tick stays far inside the 60 s limit
 RECONCILE_BATCH = 50
 EMAIL_BATCH = 10
 EMAIL_TIME_BUDGET = 20.0  # seconds of SMTP per tick before no new email is started
-EMAIL_SMTP_TIMEOUT = 5.0  # per SMTP step: a hung server cannot hold the tick for long
+EMAIL_DELIVERY_DEADLINE = 10.0  # total seconds for one delivery: a tick is killed at 60 s
+# A launched request with no run after this long was lost (a tick whose run request never
+# reached Dagster, a run deleted before it started): it is failed with the reason.
+START_TIMEOUT_ENV = "GROUPSYNC_REQUEST_START_TIMEOUT_MINUTES"
+DEFAULT_START_TIMEOUT = timedelta(minutes=10)
+RELAUNCH_AFTER = timedelta(seconds=60)  # asked again (same run key: never twice) meanwhile
 
 
-def run_key(request_id: int) -> str:
-    """One run per request, ever: Dagster skips a run key it has already launched."""
-    return f"import-request-{request_id}"
+def run_key(request: ImportRequest) -> str:
+    """One run per request, ever: Dagster skips a run key it has already launched, and the
+    request key is unique forever (a new control store starts ids at 1 again, not keys)."""
+    return f"import-request-{request.request_key}"
+
+
+def start_timeout(environ: Mapping[str, str] = os.environ) -> timedelta:
+    default = DEFAULT_START_TIMEOUT.total_seconds() / 60
+    return timedelta(minutes=env_number(environ, START_TIMEOUT_ENV, default, 1, 7 * 24 * 60))
 
 
 def _run_request(request: ImportRequest) -> dg.RunRequest:
@@ -31,9 +50,9 @@ def _run_request(request: ImportRequest) -> dg.RunRequest:
     if request.notify_email:
         config["notify_email"] = request.notify_email
     return dg.RunRequest(
-        run_key=run_key(request.request_id),
+        run_key=run_key(request),
         run_config={"ops": {"imported_group_members": {"config": config}}},
-        tags={REQUEST_TAG: str(request.request_id)},
+        tags=request_tags(request),
     )
 
 
@@ -50,57 +69,117 @@ def _run_failure(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
     return f"the run ended as {run.status.value}"
 
 
-def reconcile(instance: dg.DagsterInstance, control: ControlStore, up_to: int) -> int:
-    """Mark failed the launched requests whose run ended without recording an outcome
-    (killed worker, canceled run, bad run config): nothing else would ever finish them."""
-    marked = 0
-    for request in control.launched_unfinished(up_to, RECONCILE_BATCH):
-        if request.run_id is not None:
-            run = instance.get_run_by_id(request.run_id)
-        else:
-            runs = instance.get_runs(
-                filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.request_id)}), limit=1
-            )
-            run = runs[0] if runs else None
-        if run is None or not run.is_finished:
+def _find_run(instance: dg.DagsterInstance, request: ImportRequest) -> dg.DagsterRun | None:
+    if request.run_id is not None:
+        return instance.get_run_by_id(request.run_id)
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(tags={REQUEST_KEY_TAG: request.request_key}), limit=1
+    )
+    return runs[0] if runs else None
+
+
+def _settle_from_warehouse(
+    control: ControlStore, warehouse: Warehouse, request: ImportRequest, error: str
+) -> str | None:
+    """Done if the warehouse holds the import of the request's run, else failed. None: the
+    warehouse is busy (a writer holds it) and the request is settled by a later tick."""
+    with warehouse.read_if_free() as conn:
+        if conn is None and warehouse.warehouse_path.exists():
+            return None
+        outcome = None if conn is None else committed_import(conn, request)
+    if outcome is not None and request.run_id is not None:
+        changed = control.mark_done(request.request_id, request.run_id, outcome)
+        return "done" if changed else None
+    changed = control.mark_failed(request.request_id, error, run_id=request.run_id)
+    return "failed" if changed else None
+
+
+def reconcile(
+    instance: dg.DagsterInstance,
+    control: ControlStore,
+    warehouse: Warehouse,
+    now: datetime | None = None,
+    timeout: timedelta = DEFAULT_START_TIMEOUT,
+) -> tuple[dict[str, int], list[ImportRequest]]:
+    """Settle launched requests whose run ended (killed worker, canceled run, bad run config,
+    a crash between the warehouse commit and the request update), or never came to exist.
+
+    The warehouse decides: a request whose run committed its import is done, whatever the
+    run said afterwards. Returns the counts settled, and the launched requests that still have
+    no run and should be asked for again.
+    """
+    now = now or datetime.now(UTC)
+    settled = {"done": 0, "failed": 0}
+    relaunch: list[ImportRequest] = []
+    for request in control.launched_unfinished(RECONCILE_BATCH):
+        run = _find_run(instance, request)
+        if run is None:
+            since = request.launched_at or request.started_at or request.requested_at
+            if request.status == "pending" and now - since < timeout:
+                if now - since >= RELAUNCH_AFTER:
+                    relaunch.append(request)
+                continue
+            if request.status == "running" and request.run_id is not None:
+                error = f"its run {request.run_id} no longer exists in Dagster"
+            else:
+                error = (
+                    f"no Dagster run was started for it within {timeout} of its launch (the "
+                    "run was never created, or was deleted)"
+                )
+            status = _settle_from_warehouse(control, warehouse, request, error)
+        elif not run.is_finished:
             continue
-        error = _run_failure(instance, run)
-        if run.status == dg.DagsterRunStatus.SUCCESS:
-            error = "the run succeeded but did not record the import (see the run log)"
-        if control.mark_failed(request.request_id, error, only_if_active=True):
-            marked += 1
-    return marked
+        else:
+            if request.run_id is None:  # ended before it could claim its request
+                status = (
+                    "failed"
+                    if control.mark_failed(
+                        request.request_id, _run_failure(instance, run), run_id=None
+                    )
+                    else None
+                )
+            else:
+                error = _run_failure(instance, run)
+                if run.status == dg.DagsterRunStatus.SUCCESS:
+                    error = "the run succeeded but did not record the import (see the run log)"
+                status = _settle_from_warehouse(control, warehouse, request, error)
+        if status is not None:
+            settled[status] += 1
+    return settled, relaunch
 
 
 @dg.sensor(
     job=import_user_group,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches one import run per pending import request (run key = request id), "
-    "marks requests whose run died as failed, and sends completion emails.",
+    description="Launches one import run per pending import request (run key = the request's "
+    "unique key), settles requests whose run ended without recording them (from what the "
+    "warehouse holds), fails requests whose run never appeared, and sends completion emails.",
 )
 def import_request_sensor(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource
 ) -> dg.SensorResult:
-    # The control store only: a sensor must never open (and so wait for) the DuckDB warehouse.
+    # The control store, and the warehouse only to settle a dead run and only if no writer
+    # holds it: a tick never waits for an import.
     control = warehouse.control()
-    cursor = int(context.cursor or 0)
-    requests = control.pending_after(cursor, LAUNCH_BATCH)
-    new_cursor = max([cursor, *(r.request_id for r in requests)])
-    failed = reconcile(context.instance, control, cursor)
+    try:
+        timeout = start_timeout()
+    except ConfigError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    fresh = control.unlaunched(LAUNCH_BATCH)
+    settled, relaunch = reconcile(context.instance, control, warehouse.get(), timeout=timeout)
+    control.mark_launched(r.request_id for r in fresh)
     emails = send_completion_emails(
         control,
         log=context.log.info,
         limit=EMAIL_BATCH,
         time_budget=EMAIL_TIME_BUDGET,
-        max_smtp_timeout=EMAIL_SMTP_TIMEOUT,
+        max_smtp_timeout=EMAIL_DELIVERY_DEADLINE,
     )
-    if requests or failed or emails.sent or emails.retrying:
+    if fresh or relaunch or any(settled.values()) or emails.sent or emails.retrying:
         context.log.info(
-            f"launched {len(requests)} import requests; {failed} ended without an outcome; "
-            f"emails sent {emails.sent}, retrying {emails.retrying}"
+            f"launched {len(fresh)} import requests (asked again for {len(relaunch)}); "
+            f"settled {settled['done']} done and {settled['failed']} failed whose run ended "
+            f"without recording them; emails sent {emails.sent}, retrying {emails.retrying}"
         )
-    return dg.SensorResult(
-        run_requests=[_run_request(request) for request in requests],
-        cursor=str(new_cursor),
-    )
+    return dg.SensorResult(run_requests=[_run_request(r) for r in [*fresh, *relaunch]])

@@ -3,16 +3,22 @@
 It is a small SQLite file beside the warehouse, not a table in it, because the CLI and the
 sensor must record and read requests at any moment: DuckDB would make them wait for (or block)
 a running import. SQLite in WAL mode lets short writers from many processes take turns
-(``busy_timeout``) and readers never wait. Every warehouse write copies ``import_requests``
-into the warehouse (``mirror_import_requests``) so requests are queryable with the rest.
+(``busy_timeout``) and readers never wait.
+
+The warehouse, not this file, decides whether a group was imported: an import commits its
+members and its ``group_syncs`` row (with the run id) in one DuckDB transaction, and only then
+is its request marked done here. A run that dies in between is reconciled from that row. Every
+status change is guarded on the status it expects and on the run that owns the request, so a
+late, repeated or re-executed run can never flip a finished request.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, fields
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,17 +28,22 @@ import pandas as pd
 
 CONTROL_FILE = "control.sqlite3"
 ACTIVE = ("pending", "running")
-FINISHED = ("done", "failed")
+FINISHED = ("done", "failed", "canceled")
+STATUSES = (*ACTIVE, *FINISHED)
 # Outbox retry waits: 1, 2, 4 ... minutes, at most an hour; given up after a day.
 OUTBOX_FIRST_WAIT = timedelta(minutes=1)
 OUTBOX_MAX_WAIT = timedelta(hours=1)
 OUTBOX_GIVE_UP = timedelta(days=1)
 # A claim older than this is a sender that died mid-send: the email may be sent again.
 OUTBOX_CLAIM_TIMEOUT = timedelta(minutes=10)
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_REQUESTS_TABLE = """
 CREATE TABLE IF NOT EXISTS import_requests (
     request_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- Unique forever (a UUID): run keys and run tags use it, so a request can never be matched
+    -- to the run of another request, even after this file is deleted and ids start again.
+    request_key     TEXT NOT NULL UNIQUE,
     connection      TEXT NOT NULL,
     group_reference TEXT NOT NULL,
     remote_group_id TEXT,
@@ -40,8 +51,10 @@ CREATE TABLE IF NOT EXISTS import_requests (
     notify_email    TEXT,
     source          TEXT NOT NULL,
     retry_of        INTEGER REFERENCES import_requests (request_id),
-    status          TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    status          TEXT NOT NULL
+                    CHECK (status IN ('pending', 'running', 'done', 'failed', 'canceled')),
     requested_at    TEXT NOT NULL,
+    launched_at     TEXT,
     started_at      TEXT,
     finished_at     TEXT,
     run_id          TEXT,
@@ -51,8 +64,14 @@ CREATE TABLE IF NOT EXISTS import_requests (
     "left"          INTEGER,
     nested_groups   INTEGER,
     pages           INTEGER,
-    duration_seconds REAL
-);
+    duration_seconds REAL,
+    progress_pages  INTEGER,
+    progress_members INTEGER
+)
+"""
+
+_SCHEMA = f"""
+{_REQUESTS_TABLE};
 CREATE INDEX IF NOT EXISTS import_requests_status ON import_requests (status);
 CREATE TABLE IF NOT EXISTS email_outbox (
     request_id      INTEGER PRIMARY KEY REFERENCES import_requests (request_id),
@@ -88,9 +107,14 @@ def _time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+def new_request_key() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass(frozen=True)
 class ImportRequest:
     request_id: int
+    request_key: str
     connection: str
     group_reference: str
     remote_group_id: str | None
@@ -98,8 +122,9 @@ class ImportRequest:
     notify_email: str | None
     source: str  # cli | launchpad | retry
     retry_of: int | None
-    status: str  # pending | running | done | failed
+    status: str  # pending | running | done | failed | canceled
     requested_at: datetime
+    launched_at: datetime | None  # when the sensor first asked Dagster for its run
     started_at: datetime | None
     finished_at: datetime | None
     run_id: str | None
@@ -110,13 +135,19 @@ class ImportRequest:
     nested_groups: int | None
     pages: int | None
     duration_seconds: float | None
+    progress_pages: int | None  # while running: pages read so far
+    progress_members: int | None  # while running: people read so far
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ImportRequest:
         values = dict(row)
-        for name in ("requested_at", "started_at", "finished_at"):
+        for name in ("requested_at", "launched_at", "started_at", "finished_at"):
             values[name] = _time(values[name])
         return cls(**values)
+
+    @property
+    def remote_key(self) -> tuple[str, str] | None:
+        return None if self.remote_group_id is None else (self.connection, self.remote_group_id)
 
 
 @dataclass(frozen=True)
@@ -136,22 +167,58 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
+class CommittedImport:
+    """What a committed import did, as its ``group_syncs`` row records it."""
+
+    members: int
+    joined: int
+    left: int
+    nested_groups: int
+    pages: int
+    duration_seconds: float
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ImportedGroups:
+    """What the warehouse said about imported groups, read just before recording requests.
+
+    ``read_at`` is when that read began: a request marked done after it may not be in the read
+    (its commit came later), so the recording transaction counts it as imported too.
+    """
+
+    live: dict[tuple[str, str], str] = field(default_factory=dict)  # -> "as <group_id> (since)"
+    read_at: datetime = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
 class OutboxEmail:
     request_id: int
     recipient: str
     attempts: int
 
 
-class RequestConflictError(ValueError):
+class RequestRefusal(ValueError):
+    """A request that cannot be recorded; nothing was written. The message says why."""
+
+
+class RequestConflictError(RequestRefusal):
     """The group is already held by an active request; the message names it."""
 
 
-class RequestLimitError(ValueError):
-    """Recording would exceed the allowed number of active requests."""
+class AlreadyImportedError(RequestRefusal):
+    """The group is imported already (it re-syncs every hour)."""
 
-    def __init__(self, active: int) -> None:
-        super().__init__(f"{active} requests are already pending or running")
-        self.active = active
+
+class RequestLimitError(RequestRefusal):
+    """Recording would pass the limit on imported plus requested groups."""
+
+    def __init__(self, limit: int, imported: int, active: int) -> None:
+        super().__init__(
+            f"at most {limit} groups can be imported: {imported} are imported and {active} "
+            "requested already"
+        )
+        self.limit, self.imported, self.active = limit, imported, active
 
 
 class ControlStore:
@@ -169,7 +236,8 @@ class ControlStore:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.executescript(_SCHEMA)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                _upgrade(conn)
             yield conn
         finally:
             conn.close()
@@ -186,60 +254,110 @@ class ControlStore:
                 raise
             conn.execute("COMMIT")
 
-    # -- requests ----------------------------------------------------------------------------
-    def add_requests(self, requests: list[NewRequest], max_active: int | None = None) -> list[int]:
-        """Record all of them or none: a group already held by an active request refuses all,
-        as does going over ``max_active`` pending or running requests."""
+    # -- recording requests ------------------------------------------------------------------
+    def add_requests(
+        self,
+        requests: list[NewRequest],
+        *,
+        limit: int | None = None,
+        imported: ImportedGroups | None = None,
+        reimport: bool = False,
+    ) -> list[int]:
+        """Record all of them or none, checking in one transaction that no group is imported
+        already (per ``imported`` and requests done since it was read; skipped with
+        ``reimport``, a launchpad run reading an imported group again) or held by an active
+        request, and that imported plus requested groups stay within ``limit``."""
         now = _text(_now())
+        known = imported or ImportedGroups()
         with self._transaction() as conn:
-            if max_active is not None:
-                active = conn.execute(
-                    "SELECT count(*) FROM import_requests WHERE status IN ('pending', 'running')"
-                ).fetchone()[0]
-                if active + len(requests) > max_active:
-                    raise RequestLimitError(active)
-            ids: list[int] = []
-            for request in requests:
-                holder = (
-                    None
-                    if request.remote_group_id is None
-                    else conn.execute(
-                        "SELECT request_id, status FROM import_requests WHERE connection = ? "
-                        "AND remote_group_id = ? AND status IN ('pending', 'running')",
-                        [request.connection, request.remote_group_id],
-                    ).fetchone()
+            done_since = {
+                (row[0], row[1]): row[2]
+                for row in conn.execute(
+                    "SELECT connection, remote_group_id, request_id FROM import_requests "
+                    "WHERE status = 'done' AND remote_group_id IS NOT NULL AND finished_at >= ?",
+                    [_text(known.read_at)],
                 )
-                if holder is not None and request.source != "launchpad":
+            }
+            imported_keys = set(known.live) | set(done_since)
+            active = conn.execute(
+                "SELECT request_id, status, connection, remote_group_id FROM import_requests "
+                "WHERE status IN ('pending', 'running')"
+            ).fetchall()
+            holders = {
+                (row["connection"], row["remote_group_id"]): row
+                for row in active
+                if row["remote_group_id"] is not None
+            }
+            for request in requests:
+                key = (request.connection, request.remote_group_id or "")
+                name = request.group_name or request.group_reference
+                if not reimport and request.remote_group_id is not None and key in imported_keys:
+                    detail = known.live.get(key) or f"by request {done_since[key]} just now"
+                    raise AlreadyImportedError(
+                        f"'{name}' is already imported {detail}; it re-syncs every hour"
+                    )
+                holder = holders.get(key)
+                if holder is not None:
                     raise RequestConflictError(
-                        f"'{request.group_name or request.group_reference}' in "
-                        f"'{request.connection}' is already requested: request "
+                        f"'{name}' in '{request.connection}' is already requested: request "
                         f"{holder['request_id']} is {holder['status']}"
                     )
-                cursor = conn.execute(
-                    "INSERT INTO import_requests (connection, group_reference, remote_group_id,"
-                    " group_name, notify_email, source, retry_of, status, requested_at,"
-                    " started_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        request.connection,
-                        request.group_reference,
-                        request.remote_group_id,
-                        request.group_name,
-                        request.notify_email,
-                        request.source,
-                        request.retry_of,
-                        "pending" if request.run_id is None else "running",
-                        now,
-                        None if request.run_id is None else now,
-                        request.run_id,
-                    ],
-                )
-                ids.append(int(cursor.lastrowid or 0))
-            return ids
+            if limit is not None:
+                held = imported_keys | set(holders)
+                unresolved = sum(row["remote_group_id"] is None for row in active)
+                wanted = {(r.connection, r.remote_group_id or "") for r in requests}
+                if len(held | wanted) + unresolved > limit:
+                    raise RequestLimitError(limit, len(imported_keys), len(active))
+            return [self._insert(conn, request, now) for request in requests]
 
+    def add_failed_request(self, request: NewRequest, error: str) -> int:
+        """Record a request that was refused when its run started (a launchpad launch), so
+        its history and email tell what happened. It holds no group and counts toward no
+        limit."""
+        now = _text(_now())
+        with self._transaction() as conn:
+            request_id = self._insert(conn, request, now)
+            conn.execute(
+                "UPDATE import_requests SET status = 'failed', finished_at = ?, error = ? "
+                "WHERE request_id = ?",
+                [now, error[:4000], request_id],
+            )
+            return request_id
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, request: NewRequest, now: str | None) -> int:
+        cursor = conn.execute(
+            "INSERT INTO import_requests (request_key, connection, group_reference,"
+            " remote_group_id, group_name, notify_email, source, retry_of, status, requested_at,"
+            " started_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                new_request_key(),
+                request.connection,
+                request.group_reference,
+                request.remote_group_id,
+                request.group_name,
+                request.notify_email,
+                request.source,
+                request.retry_of,
+                "pending" if request.run_id is None else "running",
+                now,
+                None if request.run_id is None else now,
+                request.run_id,
+            ],
+        )
+        return int(cursor.lastrowid or 0)
+
+    # -- reading requests --------------------------------------------------------------------
     def get(self, request_id: int) -> ImportRequest | None:
+        return self._one("request_id = ?", request_id)
+
+    def by_key(self, request_key: str) -> ImportRequest | None:
+        return self._one("request_key = ?", request_key)
+
+    def _one(self, condition: str, value: object) -> ImportRequest | None:
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT * FROM import_requests WHERE request_id = ?", [request_id]
+                f"SELECT * FROM import_requests WHERE {condition}", [value]
             ).fetchone()
         return None if row is None else ImportRequest.from_row(row)
 
@@ -258,27 +376,25 @@ class ControlStore:
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
 
-    def pending_after(self, request_id: int, limit: int) -> list[ImportRequest]:
-        """Pending requests newer than ``request_id``, oldest first: the sensor's next batch."""
+    def unlaunched(self, limit: int) -> list[ImportRequest]:
+        """Pending requests not handed to Dagster yet, oldest first: the sensor's next batch."""
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT * FROM import_requests WHERE status = 'pending' AND request_id > ? "
+                "SELECT * FROM import_requests WHERE status = 'pending' AND launched_at IS NULL "
                 "ORDER BY request_id LIMIT ?",
-                [request_id, limit],
+                [limit],
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
 
-    def launched_unfinished(self, up_to: int, limit: int) -> list[ImportRequest]:
-        """Requests with a run but no outcome yet, oldest first: to reconcile with their runs.
-
-        Launched means: handed to Dagster by the sensor (id up to its cursor), or recorded by
-        a run that was already going (it has a run id).
-        """
+    def launched_unfinished(self, limit: int) -> list[ImportRequest]:
+        """Requests handed to Dagster (or recorded by their own run) with no outcome yet,
+        oldest first: to reconcile with their runs."""
         with self._connect() as conn:
             rows = conn.execute(
                 "SELECT * FROM import_requests WHERE status IN ('pending', 'running') "
-                "AND (request_id <= ? OR run_id IS NOT NULL) ORDER BY request_id LIMIT ?",
-                [up_to, limit],
+                "AND (launched_at IS NOT NULL OR run_id IS NOT NULL) "
+                "ORDER BY request_id LIMIT ?",
+                [limit],
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
 
@@ -290,64 +406,117 @@ class ControlStore:
                 ).fetchone()[0]
             )
 
-    def mark_running(
-        self,
-        request_id: int,
-        run_id: str,
-        remote_group_id: str | None = None,
-        group_name: str | None = None,
-    ) -> None:
+    # -- status changes, each guarded on the status it expects and on the owning run --------
+    def mark_launched(self, request_ids: Iterable[int]) -> None:
+        """The sensor asked Dagster for these requests' runs (first time only)."""
+        ids = list(request_ids)
+        if not ids:
+            return
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE import_requests SET launched_at = ? "
+                "WHERE request_id = ? AND launched_at IS NULL",
+                [(_text(_now()), request_id) for request_id in ids],
+            )
+
+    def claim(self, request_key: str, run_id: str) -> ImportRequest | None:
+        """Make ``run_id`` the request's run: only a pending request, or one this very run
+        holds already, can be claimed. None: the request is not this run's to carry out."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE import_requests SET status = 'running', run_id = ?, "
+                "started_at = coalesce(started_at, ?) WHERE request_key = ? "
+                "AND (status = 'pending' OR (status = 'running' AND run_id = ?))",
+                [run_id, _text(_now()), request_key, run_id],
+            )
+            if cursor.rowcount != 1:
+                return None
+            row = conn.execute(
+                "SELECT * FROM import_requests WHERE request_key = ?", [request_key]
+            ).fetchone()
+        return ImportRequest.from_row(row)
+
+    def record_progress(self, request_id: int, run_id: str, pages: int, members: int) -> None:
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE import_requests SET status = 'running', run_id = ?, started_at = ?, "
-                "remote_group_id = coalesce(?, remote_group_id), "
-                "group_name = coalesce(?, group_name) "
-                "WHERE request_id = ? AND status IN ('pending', 'running')",
-                [run_id, _text(_now()), remote_group_id, group_name, request_id],
+                "UPDATE import_requests SET progress_pages = ?, progress_members = ? "
+                "WHERE request_id = ? AND status = 'running' AND run_id = ?",
+                [pages, members, request_id, run_id],
             )
 
     def mark_done(
         self,
         request_id: int,
+        run_id: str,
+        outcome: CommittedImport,
         *,
-        remote_group_id: str,
-        group_name: str,
-        members: int,
-        joined: int,
-        left: int,
-        nested_groups: int,
-        pages: int,
-        duration_seconds: float,
-    ) -> None:
+        remote_group_id: str | None = None,
+        group_name: str | None = None,
+    ) -> bool:
+        """The import committed (the warehouse says so). False: the request was not running
+        in this run any more, and nothing changed."""
         with self._transaction() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE import_requests SET status = 'done', finished_at = ?, error = NULL, "
-                'remote_group_id = ?, group_name = ?, members = ?, joined = ?, "left" = ?, '
-                "nested_groups = ?, pages = ?, duration_seconds = ? WHERE request_id = ?",
+                "remote_group_id = coalesce(?, remote_group_id), "
+                'group_name = coalesce(?, group_name), members = ?, joined = ?, "left" = ?, '
+                "nested_groups = ?, pages = ?, duration_seconds = ? "
+                "WHERE request_id = ? AND status IN ('pending', 'running') AND run_id = ?",
                 [
-                    _text(_now()),
+                    _text(outcome.finished_at or _now()),
                     remote_group_id,
                     group_name,
-                    members,
-                    joined,
-                    left,
-                    nested_groups,
-                    pages,
-                    duration_seconds,
+                    outcome.members,
+                    outcome.joined,
+                    outcome.left,
+                    outcome.nested_groups,
+                    outcome.pages,
+                    outcome.duration_seconds,
                     request_id,
+                    run_id,
                 ],
             )
+            return cursor.rowcount == 1
 
-    def mark_failed(self, request_id: int, error: str, *, only_if_active: bool = False) -> bool:
-        """Record the failure; with ``only_if_active``, leave a finished request as it is."""
-        condition = " AND status IN ('pending', 'running')" if only_if_active else ""
+    def mark_failed(self, request_id: int, error: str, *, run_id: str | None) -> bool:
+        """Record the failure of an active request owned by ``run_id`` (None: a request whose
+        run never existed). False: it had finished, or belongs to another run; unchanged."""
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE import_requests SET status = 'failed', finished_at = ?, error = ? "
-                f"WHERE request_id = ?{condition}",
-                [_text(_now()), error[:4000], request_id],
+                "WHERE request_id = ? AND status IN ('pending', 'running') AND run_id IS ?",
+                [_text(_now()), error[:4000], request_id, run_id],
             )
             return cursor.rowcount == 1
+
+    def cancel(self, request_id: int, by: str) -> ImportRequest:
+        """Cancel a pending request (a run that starts for it later does nothing).
+
+        Raises RequestRefusal when it is not pending: a running import is stopped by canceling
+        its run in Dagster, which then marks the request failed.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM import_requests WHERE request_id = ?", [request_id]
+            ).fetchone()
+            if row is None:
+                raise RequestRefusal(f"no request {request_id}")
+            if row["status"] != "pending":
+                hint = (
+                    f": cancel its run {row['run_id']} in the Dagster UI instead"
+                    if row["status"] == "running"
+                    else ""
+                )
+                raise RequestRefusal(f"request {request_id} is {row['status']}{hint}")
+            conn.execute(
+                "UPDATE import_requests SET status = 'canceled', finished_at = ?, error = ? "
+                "WHERE request_id = ? AND status = 'pending'",
+                [_text(_now()), f"canceled by {by}", request_id],
+            )
+            row = conn.execute(
+                "SELECT * FROM import_requests WHERE request_id = ?", [request_id]
+            ).fetchone()
+        return ImportRequest.from_row(row)
 
     # -- email outbox ------------------------------------------------------------------------
     def queue_completion_emails(self, limit: int = 100) -> int:
@@ -358,7 +527,7 @@ class ControlStore:
                 "INSERT INTO email_outbox (request_id, recipient, status, queued_at,"
                 " next_attempt_at)"
                 " SELECT request_id, notify_email, 'pending', ?, ? FROM import_requests r"
-                " WHERE status IN ('done', 'failed') AND notify_email IS NOT NULL"
+                " WHERE status IN ('done', 'failed', 'canceled') AND notify_email IS NOT NULL"
                 " AND NOT EXISTS (SELECT 1 FROM email_outbox o WHERE o.request_id = r.request_id)"
                 " ORDER BY request_id LIMIT ?",
                 [now, now, limit],
@@ -448,15 +617,52 @@ class ControlStore:
     def requests_frame(self) -> pd.DataFrame:
         if not self.path.exists():
             return pd.DataFrame(columns=[f.name for f in fields(ImportRequest)])
-        with closing(sqlite3.connect(self.path, timeout=self.busy_timeout)) as conn:
+        with self._connect() as conn:  # upgrades an old file first
             frame = pd.read_sql_query("SELECT * FROM import_requests ORDER BY request_id", conn)
-        for column in ("requested_at", "started_at", "finished_at"):
+        for column in ("requested_at", "launched_at", "started_at", "finished_at"):
             frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
         return frame
 
 
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a file written by an earlier release up to date.
+
+    Version 1 (no ``request_key``, no ``canceled``): SQLite cannot change a CHECK constraint,
+    so the requests table is rebuilt as SQLite documents (new table, copy, drop, rename, with
+    foreign keys off), every old request getting a key of its own.
+    """
+    conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set it first
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            conn.execute("COMMIT")  # another process upgraded it meanwhile
+            return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(import_requests)")}
+        if columns and "request_key" not in columns:
+            conn.execute(_REQUESTS_TABLE.replace("import_requests", "import_requests_v2"))
+            kept = ", ".join(sorted(columns & {f.name for f in fields(ImportRequest)}))
+            conn.execute(
+                f"INSERT INTO import_requests_v2 (request_key, {kept}) "
+                f"SELECT lower(hex(randomblob(16))), {kept} FROM import_requests"
+            )
+            conn.execute("DROP TABLE import_requests")
+            conn.execute("ALTER TABLE import_requests_v2 RENAME TO import_requests")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
+
+
 def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore) -> None:
-    """Make the warehouse's ``import_requests`` table a copy of the control store's."""
+    """Make the warehouse's ``import_requests`` a copy of the control store's, corrected by
+    the warehouse itself: a request whose run committed its import (a ``group_syncs`` row of
+    that run) is done, whatever the control store has caught up with yet."""
     frame = store.requests_frame()
     conn.execute("DELETE FROM import_requests")
     if frame.empty:
@@ -466,3 +672,33 @@ def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore)
         conn.execute("INSERT INTO import_requests BY NAME SELECT * FROM control_requests")
     finally:
         conn.unregister("control_requests")
+    conn.execute(
+        """
+        UPDATE import_requests AS r SET status = 'done', error = NULL,
+            finished_at = s.synced_at, members = s.members, joined = s.joined,
+            "left" = s."left", nested_groups = s.nested_groups, pages = s.pages,
+            duration_seconds = s.duration_seconds
+        FROM group_syncs AS s
+        WHERE s.run_id = r.run_id AND s.mode = 'import' AND r.status IN ('pending', 'running')
+          AND s.group_id = r.connection || ':' || r.remote_group_id
+        """
+    )
+
+
+def committed_import(
+    conn: duckdb.DuckDBPyConnection, request: ImportRequest
+) -> CommittedImport | None:
+    """The warehouse's record of the request's run committing its import, if it did."""
+    if request.run_id is None or request.remote_group_id is None:
+        return None
+    rows = conn.execute(
+        """
+        SELECT members, joined, "left", nested_groups, pages, duration_seconds, synced_at
+        FROM group_syncs WHERE run_id = ? AND mode = 'import' AND group_id = ?
+        """,
+        [request.run_id, f"{request.connection}:{request.remote_group_id}"],
+    ).fetchall()
+    if not rows:
+        return None
+    members, joined, left, nested, pages, duration, synced_at = rows[0]
+    return CommittedImport(members, joined, left, nested, pages, duration, synced_at)

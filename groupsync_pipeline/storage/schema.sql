@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS group_syncs (
 ALTER TABLE group_syncs ADD COLUMN IF NOT EXISTS mode VARCHAR;
 
 -- import_requests: every request to import a group (command line or Dagster launchpad) and its
--- outcome. A copy of the control store (control.sqlite3), refreshed at every warehouse write;
+-- outcome. A copy of the control store (control.sqlite3), refreshed at every warehouse write and
+-- corrected by the warehouse itself (a request whose run committed its import is done);
 -- `groupsync requests` shows the live state.
 CREATE TABLE IF NOT EXISTS import_requests (
     request_id       BIGINT PRIMARY KEY,
@@ -101,7 +102,7 @@ CREATE TABLE IF NOT EXISTS import_requests (
     notify_email     VARCHAR,               -- who is emailed when the import ends
     source           VARCHAR NOT NULL,      -- cli | launchpad | retry
     retry_of         BIGINT,                -- the failed request this one retries
-    status           VARCHAR NOT NULL,      -- pending | running | done | failed
+    status           VARCHAR NOT NULL,      -- pending | running | done | failed | canceled
     requested_at     TIMESTAMPTZ NOT NULL,
     started_at       TIMESTAMPTZ,
     finished_at      TIMESTAMPTZ,
@@ -114,6 +115,11 @@ CREATE TABLE IF NOT EXISTS import_requests (
     pages            BIGINT,
     duration_seconds DOUBLE
 );
+-- Warehouses created before request keys, launch times and progress existed get the columns.
+ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS request_key VARCHAR;  -- unique forever
+ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS launched_at TIMESTAMPTZ;
+ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS progress_pages BIGINT;
+ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS progress_members BIGINT;
 
 -- connection_sync_state: where each connection's hourly sync stands.
 CREATE TABLE IF NOT EXISTS connection_sync_state (

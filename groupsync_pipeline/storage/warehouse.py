@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -33,6 +34,8 @@ PUBLISHED_FILE = "groupsync.duckdb"
 LOCK_FILE = "warehouse.lock"
 STAGING_DIR = "staging"
 PUBLISH_PENDING = ".publish-pending"  # present from a commit until its snapshot is published
+
+logger = logging.getLogger(__name__)
 
 
 class WarehouseBusyError(RuntimeError):
@@ -105,10 +108,16 @@ class Warehouse:
 
     @contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One all-or-nothing transaction on the warehouse, then publish the snapshot."""
+        """One all-or-nothing transaction on the warehouse, then publish the snapshot.
+
+        Once COMMIT returns the change is made: nothing after it (a full disk during the
+        checkpoint or the copy) may report the write as failed. Such a problem is logged as a
+        warning and the snapshot is published by the next write or pipeline read.
+        """
         with self._locked(fcntl.LOCK_EX):
+            self._remove_leftover_copies()
             if self._pending_marker.exists():  # an earlier commit was never published
-                self._publish()
+                self._publish_after_commit(None)
             conn = duckdb.connect(str(self.warehouse_path))
             try:
                 conn.execute(schema_sql())
@@ -122,10 +131,36 @@ class Warehouse:
                     raise
                 self._pending_marker.touch()  # set before COMMIT: a crash after it republishes
                 conn.execute("COMMIT")
-                conn.execute("CHECKPOINT")  # the copy below must hold everything (no WAL)
+                self._publish_after_commit(conn)
             finally:
                 conn.close()
+
+    def _publish_after_commit(self, conn: duckdb.DuckDBPyConnection | None) -> None:
+        """Checkpoint (the copy must hold everything, no WAL) and publish; never raise."""
+        try:
+            if conn is None:
+                conn = duckdb.connect(str(self.warehouse_path))
+                try:
+                    conn.execute("CHECKPOINT")
+                finally:
+                    conn.close()
+            else:
+                conn.execute("CHECKPOINT")
             self._publish()
+        except (OSError, duckdb.Error, WarehousePublishError) as exc:
+            logger.warning(
+                "the change is committed, but the snapshot %s could not be published yet "
+                "(%s); the next write or pipeline read publishes it",
+                self.published_path,
+                exc,
+            )
+
+    def _remove_leftover_copies(self) -> None:
+        """Half-written snapshot copies of a publisher killed mid-copy (only writers publish,
+        and the caller holds the writer lock, so none of them is in use)."""
+        for leftover in self.data_dir.glob(f".{PUBLISHED_FILE}.*.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
     @property
     def _pending_marker(self) -> Path:
@@ -146,8 +181,7 @@ class Warehouse:
                 os.close(directory)
         except OSError as exc:
             raise WarehousePublishError(
-                f"the change is committed, but publishing {self.published_path} failed "
-                f"({exc.strerror or exc}); the next run publishes it again"
+                f"publishing {self.published_path} failed ({exc.strerror or exc})"
             ) from exc
         finally:
             temporary.unlink(missing_ok=True)
@@ -162,6 +196,29 @@ class Warehouse:
         ):
             with self.write():
                 pass
+
+    @contextmanager
+    def read_if_free(self) -> Iterator[duckdb.DuckDBPyConnection | None]:
+        """A read-only connection to the warehouse only if no writer holds it now (None
+        otherwise, and None when there is no warehouse yet): for a caller that must never
+        wait, such as a sensor tick. It never creates or publishes anything."""
+        if not self.warehouse_path.exists():
+            yield None
+            return
+        with open(self.data_dir / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            try:
+                conn = duckdb.connect(str(self.warehouse_path), read_only=True)
+                try:
+                    yield conn
+                finally:
+                    conn.close()
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
     def shared_lock(self) -> Iterator[None]:
