@@ -7,6 +7,7 @@ from pydantic import Field
 
 from groupsync_pipeline.config import ConfigError, check_email_address
 from groupsync_pipeline.connectors.base import ConnectorError
+from groupsync_pipeline.defs.isolation import ConnectionFailures
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.imports import ImportOutcome, import_group_members, refresh_group_catalog
 from groupsync_pipeline.membership_sync import (
@@ -39,21 +40,19 @@ def group_catalog(
 ) -> dg.MaterializeResult:
     chosen = [connections.get(name) for name in config.connections] or connections.all()
     metadata: dict[str, dg.RawMetadataValue] = {}
-    failures: list[str] = []
+    failures = ConnectionFailures("catalog refresh")
     for connection in chosen:
-        try:
+        try:  # each connection commits or fails alone
             outcome = refresh_group_catalog(connection, warehouse.get(), log=context.log.info)
-        except ConnectorError as exc:
-            failures.append(f"{connection.name}: {exc}")
-            context.log.error(f"{connection.name}: catalog refresh failed: {exc}")
+        except Exception as exc:  # one connection alone: see defs/isolation.py
+            failures.record(context, connection.name, exc)
             continue
         metadata[f"{connection.name} groups"] = outcome.groups
         metadata[f"{connection.name} groups without a member count"] = (
             outcome.groups - outcome.with_counts
         )
         metadata[f"{connection.name} seconds"] = round(outcome.duration_seconds, 2)
-    if failures:
-        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -201,10 +200,10 @@ def _sync_imported_groups(
         policy, full_sync_every = sync_settings_from_env()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc)) from None
-    failures: list[str] = []
+    failures = ConnectionFailures("sync")
     outcomes: list[ConnectionSyncOutcome] = []
     for connection in chosen:
-        try:
+        try:  # each connection commits or fails alone; a failed one changed nothing
             outcomes.append(
                 sync_connection(
                     connection,
@@ -217,9 +216,8 @@ def _sync_imported_groups(
                     policy=policy,
                 )
             )
-        except ConnectorError as exc:
-            failures.append(f"{connection.name}: {exc}")
-            context.log.error(f"{connection.name}: sync failed, nothing changed: {exc}")
+        except Exception as exc:  # one connection alone: see defs/isolation.py
+            failures.record(context, connection.name, exc)
     metadata: dict[str, dg.RawMetadataValue] = {
         "groups_synced": sum(o.groups_synced for o in outcomes),
         "joined": sum(o.joined for o in outcomes),
@@ -232,6 +230,5 @@ def _sync_imported_groups(
         ),
         "connections": dg.MetadataValue.json([asdict(o) for o in outcomes]),
     }
-    if failures:
-        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
