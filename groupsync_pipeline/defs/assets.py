@@ -228,7 +228,23 @@ def _sync_imported_groups(
         "full_resyncs": dg.MetadataValue.json(
             {o.connection: o.full_reason for o in outcomes if o.mode == "full"}
         ),
-        "connections": dg.MetadataValue.json([asdict(o) for o in outcomes]),
+        # People the app would not give details of, per connection: id -> status and code.
+        "unreadable_people": dg.MetadataValue.json(
+            {o.connection: _first(o.unreadable, UNREADABLE_SHOWN) for o in outcomes if o.unreadable}
+        ),
+        "connections": dg.MetadataValue.json(
+            [{**asdict(o), "unreadable": len(o.unreadable)} for o in outcomes]
+        ),
     }
     failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
+
+
+UNREADABLE_SHOWN = 100  # per connection in the run's metadata; the log line gives the count
+
+
+def _first(entries: dict[str, str], limit: int) -> dict[str, str]:
+    shown = dict(list(entries.items())[:limit])
+    if len(entries) > limit:
+        shown["..."] = f"{len(entries) - limit} more"
+    return shown
