@@ -107,7 +107,7 @@ def ingest_connection(
     admins: list[Account] | None = None
     domains: list[str] | None = None
     try:
-        with open_connector(connection) as connector:
+        with open_connector(connection, log=log) as connector:
             try:
                 admins = list(connector.administrators())
                 if not admins:

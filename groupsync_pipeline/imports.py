@@ -63,7 +63,7 @@ def import_group_members(
 
     staging = MemberStaging(warehouse.staging_path())
     try:
-        with open_connector(connection, on_page=on_page) as connector:
+        with open_connector(connection, on_page=on_page, log=log) as connector:
             group = connector.find_group(group_reference)
             log(
                 f"{connection.name}: importing '{group.name}' ({group.remote_id}), "
@@ -121,7 +121,7 @@ def refresh_group_catalog(
 ) -> CatalogOutcome:
     """Replace the connection's catalog with the groups that exist in the app now."""
     started = time.monotonic()
-    with open_connector(connection) as connector:
+    with open_connector(connection, log=log) as connector:
         groups = list(connector.group_catalog())
     now = datetime.now(UTC)
     frame = catalog_frame(connection, groups, now)

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from groupsync_pipeline.config import Connection, env_number
-from groupsync_pipeline.connected_apps import open_connector
-from groupsync_pipeline.connectors.base import Connector, DeltaExpiredError
+from groupsync_pipeline.connected_apps import api_root, open_connector
+from groupsync_pipeline.connectors.base import (
+    Account,
+    Connector,
+    DeltaExpiredError,
+    UnreadableAccount,
+)
 from groupsync_pipeline.storage.control import ControlStore
 from groupsync_pipeline.storage.sync_writes import (
     DeltaStaging,
@@ -66,6 +71,9 @@ class ConnectionSyncOutcome:
     deleted: list[str] = field(default_factory=list)
     released: list[tuple[str, str]] = field(default_factory=list)
     accounts_fetched: int = 0
+    # People the app would not give details of: account id -> status and error code. They
+    # are recorded as members without details and asked for again at the next sync.
+    unreadable: dict[str, str] = field(default_factory=dict)
     duration_seconds: float = 0.0
 
 
@@ -73,7 +81,8 @@ def _stored_link(link: str, graph_url: str) -> str:
     """Keep a link relative to the app's API root when it is under it.
 
     The embedded sandbox listens on a new port in every run; a real tenant's links are always
-    under its API root, so storing the path keeps them valid in both cases.
+    under its API root, so storing the path keeps them valid in both cases. Which API root a
+    stored link belongs to is kept beside it (``api_root``) and checked before it is used.
     """
     prefix = graph_url.rstrip("/") + "/"
     return link[len(prefix) - 1 :] if link.startswith(prefix) else link
@@ -119,10 +128,12 @@ def sync_connection(
     policy = policy or ShrinkPolicy()
     with warehouse.read() as conn:
         live, deleted = imported_groups(conn, connection.name)
-        state = conn.execute(
-            "SELECT delta_link, last_full_sync_at FROM connection_sync_state WHERE connection = ?",
-            [connection.name],
-        ).fetchall()
+        # SELECT *: a warehouse from before api_root existed lacks it until its next write.
+        cursor = conn.execute(
+            "SELECT * FROM connection_sync_state WHERE connection = ?", [connection.name]
+        )
+        rows = cursor.fetchall()
+        state = dict(zip([d[0] for d in cursor.description], rows[0], strict=True)) if rows else {}
         open_holds = conn.execute(
             "SELECT count(*) FROM membership_holds h JOIN user_groups g USING (group_id) "
             "WHERE h.status = 'held' AND g.connection = ?",
@@ -131,12 +142,19 @@ def sync_connection(
     if not live:
         log(f"{connection.name}: no imported groups; nothing to sync")
         return ConnectionSyncOutcome(connection.name, "skipped")
-    stored_link, last_full = state[0] if state else (None, None)
+    stored_link, last_full = state.get("delta_link"), state.get("last_full_sync_at")
+    root = api_root(connection)
     reason: str | None = None
     if force_full:
         reason = "requested"
     elif stored_link is None:
         reason = "first sync"
+    elif state.get("api_root") is None:
+        # Saved before the API address was recorded: which API it belongs to is unknown.
+        reason = "the API address of the saved state is unknown"
+    elif state["api_root"] != root:
+        # The saved link belongs to another API address or tenant: it cannot resume here.
+        reason = f"the connection's API address changed (was {state['api_root']})"
     elif open_holds:
         reason = "verify held shrink"
     elif last_full is None or datetime.now(UTC) - last_full >= full_sync_every:
@@ -145,15 +163,9 @@ def sync_connection(
 
     staging = DeltaStaging(warehouse.staging_path())
     try:
-        with open_connector(connection) as connector:
+        with open_connector(connection, log=log) as connector:
             graph_url = getattr(connector, "graph_url", "")
-            if reason is None and not (
-                stored_link.startswith("/") or stored_link.startswith(graph_url.rstrip("/") + "/")
-            ):
-                # The connection now points at another API root: its saved state cannot apply.
-                reason = "the connection's API address changed"
-                outcome.mode = "full"
-            link = None if reason else _usable_link(stored_link, graph_url)
+            link = None if reason or stored_link is None else _usable_link(stored_link, graph_url)
             try:
                 new_link = _read_round(connector, staging, link, log, progress_every)
             except DeltaExpiredError as exc:
@@ -175,10 +187,23 @@ def sync_connection(
                 )
             if unknown:
                 log(f"{connection.name}: reading details of {len(unknown)} new members")
-                accounts = list(connector.users_by_id(unknown))
-                found = {a.account_id for a in accounts}
+                accounts: list[Account] = []
+                for person in connector.users_by_id(unknown):
+                    if isinstance(person, UnreadableAccount):
+                        outcome.unreadable[person.account_id] = person.reason
+                    else:
+                        accounts.append(person)
+                found = {a.account_id for a in accounts} | set(outcome.unreadable)
+                # Those not found are gone from the app; the unreadable stay members.
                 staging.add_accounts(accounts, [u for u in unknown if u not in found])
                 outcome.accounts_fetched = len(accounts)
+                if outcome.unreadable:
+                    shown = "; ".join(f"{k}: {v}" for k, v in list(outcome.unreadable.items())[:5])
+                    log(
+                        f"{connection.name}: {len(outcome.unreadable)} people could not be read "
+                        f"({shown}{'; ...' if len(outcome.unreadable) > 5 else ''}); recorded as "
+                        "members without details, asked again at the next sync"
+                    )
         outcome.pages = staging.pages
         outcome.changed_groups = staging.objects
         with warehouse.write() as conn:
@@ -189,6 +214,7 @@ def sync_connection(
                 full=full,
                 full_reason=reason,
                 delta_link=_stored_link(new_link, graph_url),
+                api_root=root,
                 pages=staging.pages,
                 run_id=run_id,
                 duration_seconds=time.monotonic() - started,

@@ -28,7 +28,8 @@ from groupsync_pipeline.sandbox.graph import GraphSandbox
 
 from .conftest import make_connector
 
-API_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "api-reference" / "graph"
+# Copied from shared/api-reference/graph (each file names its source): tests read no further.
+API_REFERENCE = Path(__file__).with_name("data") / "vendor" / "graph"
 HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
 
 
@@ -113,15 +114,70 @@ def test_find_group_by_id_and_by_hostile_name(
 def test_unknown_group_lists_close_matches(connector: GraphConnector) -> None:
     with pytest.raises(GroupNotFoundError) as raised:
         connector.find_group("Finanse")
-    assert "no group named exactly 'Finanse'" in str(raised.value)
+    assert "no group has the id or the exact name 'Finanse'" in str(raised.value)
     assert "close matches: Finance (" in str(raised.value)
     # Graph matches names without regard to case; an import takes the exact name only.
-    with pytest.raises(GroupNotFoundError, match=r"exactly 'hr'.*close matches: HR \("):
+    with pytest.raises(GroupNotFoundError, match=r"exact name 'hr'.*close matches: HR \("):
         connector.find_group("hr")
-    with pytest.raises(GroupNotFoundError, match="no group with id 00000000-"):
+    with pytest.raises(GroupNotFoundError, match="the id or the exact name '00000000-"):
         connector.find_group("00000000-0000-4000-8000-000000000000")
     with pytest.raises(GroupNotFoundError, match="no group given"):
         connector.find_group("   ")
+
+
+ODD_ID = "Legacy:HR/01 #1"  # a real id need not be a GUID (other directories, proxies)
+
+
+def test_a_group_id_of_any_shape_is_tried_as_an_id_first(sandbox: GraphSandbox) -> None:
+    quoted = "Legacy%3AHR%2F01%20%231"  # one path segment, whatever it holds
+    group = {"id": ODD_ID, "displayName": "Legacy HR", "securityEnabled": True}
+    sandbox.faults.add("respond", path=f"/groups/{quoted}?", body=json.dumps(group))
+    sandbox.faults.add("respond", path=f"/groups/{quoted}/transitive", body="7")
+    sandbox.reset_log()
+    with make_connector(sandbox) as graph:
+        found = graph.find_group(ODD_ID)
+    assert (found.remote_id, found.name, found.member_count) == (ODD_ID, "Legacy HR", 7)
+    assert sandbox.faults.pending() == 0
+    assert not any("$filter" in unquote(r.query) for r in sandbox.requests)  # no name search
+
+
+def test_a_name_is_searched_after_graph_says_it_is_no_id(
+    sandbox: GraphSandbox, connector: GraphConnector
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    assert connector.find_group(hr.id.upper()).remote_id == hr.id  # ids ignore case
+    # "delta" reaches /groups/delta, which answers 200 with no group: it is not an id.
+    for name in ("delta", "$count", ".."):
+        with pytest.raises(GroupNotFoundError, match="the id or the exact name"):
+            connector.find_group(name)
+    # Any client error about the path means "not an id": the name is searched next.
+    finance = sandbox.org.group_by_name("Finance")
+    for status in (400, 404, 405):
+        sandbox.faults.add("error", path="/groups/Finance?", status=status)
+        assert connector.find_group("Finance").remote_id == finance.id
+    # A service that stays down is an error, not a missing group.
+    sandbox.faults.add("error", path="/groups/Finance?", status=503, count=100)
+    with make_connector(sandbox, max_attempts=2) as graph, pytest.raises(VendorError):
+        graph.find_group("Finance")
+
+
+def test_each_retry_wait_is_logged(sandbox: GraphSandbox) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    users = sorted(sandbox.org.users)[:3]
+    sandbox.faults.add("throttle", path="transitiveMembers", count=1, retry_after="0.2")
+    sandbox.faults.add("drop", path="transitiveMembers", count=1)
+    sandbox.faults.add("throttle", path=f"/users/{users[1]}", count=1, retry_after="0.1")
+    lines: list[str] = []
+    with make_connector(sandbox, log=lines.append) as graph:
+        members_of(graph, hr.id)
+        list(graph.users_by_id(users))
+    assert lines[0] == (
+        f"Graph 429 on /groups/{hr.id}/transitiveMembers: waiting 0.2 s (attempt 2 of 8)"
+    )
+    assert lines[1].startswith(f"Graph RemoteProtocolError on /groups/{hr.id}/transitiveMembers")
+    assert lines[1].endswith("(attempt 3 of 8)")
+    assert lines[2] == ("Graph 429 for 1 of 3 requests on /$batch: waiting 0.1 s (attempt 2 of 8)")
+    assert len(lines) == 3
 
 
 def test_throttling_honours_fractional_retry_after(
@@ -238,9 +294,6 @@ def test_scopes_for_national_clouds_and_proxies() -> None:
     assert graph_scope("https://127.0.0.1:8443/v1.0") == "https://graph.microsoft.com/.default"
 
 
-@pytest.mark.skipif(
-    not API_REFERENCE.is_dir(), reason="shared/api-reference is not beside the repo"
-)
 def test_vendor_examples_parse() -> None:
     groups = json.loads((API_REFERENCE / "groups_list.json").read_text())
     golf, talk = groups["example1_GET_/v1.0/groups"]["value"]

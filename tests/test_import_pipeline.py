@@ -168,6 +168,29 @@ def test_bundled_sandbox_connection_works_with_no_configuration(
     )
     assert result.success
     assert query(tmp_path / "data", "SELECT name FROM user_groups") == [("IT admins",)]
+    # Each run starts its own embedded tenant on a new port: the delta chain still resumes.
+    sync = defs.resolve_job_def("sync_group_memberships")
+    first, second = (sync.execute_in_process(instance=instance) for _ in range(2))
+    assert materialization(first)["full_resyncs"] == {"sandbox": "first sync"}
+    assert materialization(second)["full_resyncs"] == {}
+    assert query(tmp_path / "data", "SELECT api_root FROM connection_sync_state") == [
+        ("embedded sandbox tenant",)
+    ]
+
+
+def test_each_retry_wait_is_in_the_run_log(
+    sandbox: GraphSandbox, instance: dg.DagsterInstance, connections_file: Path, tmp_path: Path
+) -> None:
+    hr = sandbox.org.group_by_name("HR")
+    sandbox.faults.add("throttle", path=r"transitiveMembers\?", count=2, retry_after="0.2")
+    result = import_group(instance, "HR", connections_file, tmp_path / "data")
+    assert result.success, failure_message(result)
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    waits = [m for m in logs if m.startswith("Graph 429 on ")]
+    assert waits == [
+        f"Graph 429 on /groups/{hr.id}/transitiveMembers: waiting 0.2 s (attempt {n} of 8)"
+        for n in (2, 3)
+    ]
 
 
 def test_checks_fail_on_count_mismatch_and_duplicate_members(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from groupsync_pipeline.cli import main
 from groupsync_pipeline.definitions import defs
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
-from tests.conftest import SECRET_ENV, write_connections
+from tests.conftest import SECRET_ENV, make_connector, write_connections
 from tests.pipeline_helpers import (
     check_results,
     failure_message,
@@ -213,6 +214,106 @@ def test_sync_failing_midway_changes_nothing(setup, tenant) -> None:
     assert query(data_dir, "SELECT * FROM connection_sync_state") == state
     assert sync(setup).success  # the saved state is still good
     assert current(data_dir, "HR") == expected(tenant, "HR")
+
+
+def test_a_person_graph_will_not_read_is_a_member_without_details_until_readable(
+    setup, tenant
+) -> None:
+    _, _, data_dir = setup
+    assert sync(setup).success
+    known = {row[0] for row in query(data_dir, "SELECT account_id FROM accounts")}
+    strangers = [u for u in sorted(tenant.org.users) if u not in known][:2]
+    hr = tenant.org.group_by_name("HR")
+    for person in strangers:
+        tenant.org.add_member(hr.id, person)
+    refused = strangers[0]
+    tenant.faults.add(
+        "respond",
+        path=f"/users/{refused}",
+        status=400,
+        body='{"error": {"code": "Request_BadRequest", "message": "Invalid request."}}',
+    )
+    result = sync(setup)
+    assert result.success, failure_message(result)  # one person does not fail the connection
+    meta = materialization(result)
+    assert meta["unreadable_people"] == {"contoso": {refused: "HTTP 400 Request_BadRequest"}}
+    assert meta["joined"] == 2
+    # The membership is history from this sync on; only the details are missing.
+    assert current(data_dir, "HR") == expected(tenant, "HR")
+    rows = query(
+        data_dir,
+        "SELECT account_id, email, member_since FROM group_members WHERE group_name = 'HR' "
+        "AND account_id IN (?, ?) ORDER BY account_id = ?",
+        [*strangers, refused],
+    )
+    (readable, readable_email, _), (_, refused_email, since) = rows
+    assert readable == strangers[1] and readable_email
+    assert refused_email is None
+    assert query(data_dir, "SELECT count(*) FROM accounts WHERE account_id = ?", [refused]) == [
+        (0,)
+    ]
+    # Readable again: the next sync fills the details in; the membership is untouched.
+    later = sync(setup)
+    assert later.success and materialization(later)["unreadable_people"] == {}
+    assert query(
+        data_dir,
+        "SELECT email IS NOT NULL, member_since FROM group_members "
+        "WHERE group_name = 'HR' AND account_id = ?",
+        [refused],
+    ) == [(True, since)]
+
+
+def test_a_changed_api_address_means_a_full_read(setup, tenant, tmp_path: Path) -> None:
+    _, connections_file, data_dir = setup
+    assert sync(setup).success
+    assert materialization(sync(setup))["full_resyncs"] == {}  # the chain resumes
+    # The same tenant served at another address (another host name, another port): Graph
+    # there would not know this chain's link, so it must not be sent there.
+    with GraphSandbox(build_organisation(), host="localhost") as moved:
+        moved_file = write_connections(tmp_path / "moved.yaml", moved)
+        instance, _, _ = setup
+        moved_sync = run_job(instance, "sync_group_memberships", {}, moved_file, data_dir)
+        assert moved_sync.success, failure_message(moved_sync)
+        reason = materialization(moved_sync)["full_resyncs"]["contoso"]
+        assert reason.startswith("the connection's API address changed (was https://127.0.0.1:")
+        assert query(data_dir, "SELECT api_root FROM connection_sync_state") == [
+            (f"https://localhost:{moved.port}/v1.0 tenant {moved.tenant_id}",)
+        ]
+        again = run_job(instance, "sync_group_memberships", {}, moved_file, data_dir)
+        assert materialization(again)["full_resyncs"] == {}
+    assert connections_file.exists()
+
+
+def test_a_cleared_description_leaves_the_catalog_and_an_absent_one_stays(setup, tenant) -> None:
+    _, _, data_dir = setup
+    assert sync(setup).success  # the full read fills the catalog
+    cleared, renamed = [g for g in tenant.org.groups.values() if g.description and g.mail][:2]
+
+    def catalog(group_id: str) -> tuple:
+        return query(
+            data_dir,
+            "SELECT name, description, mail FROM group_catalog WHERE remote_group_id = ?",
+            [group_id],
+        )[0]
+
+    cleared_before, renamed_before = catalog(cleared.id), catalog(renamed.id)
+    assert cleared_before[1] and cleared_before[2] and renamed_before[1]
+    with make_connector(tenant) as graph:
+        link = graph.latest_delta_link()
+    # What Graph sends when one group's description and mail were cleared and another was
+    # renamed: properties set to null are present with null, unchanged ones may be absent.
+    page = {
+        "@odata.deltaLink": link,
+        "value": [
+            {"id": cleared.id, "description": None, "mail": None},
+            {"id": renamed.id, "displayName": "Renamed & Co"},
+        ],
+    }
+    tenant.faults.add("respond", path="/groups/delta", body=json.dumps(page))
+    result = sync(setup)
+    assert result.success, failure_message(result)
+    assert catalog(cleared.id) == (cleared.display_name, None, None)
+    assert catalog(renamed.id) == ("Renamed & Co", renamed_before[1], renamed_before[2])
 
 
 def cli(*args: str) -> tuple[int, str]:

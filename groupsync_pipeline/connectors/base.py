@@ -34,6 +34,14 @@ class Account(NamedTuple):
     enabled: bool | None
 
 
+@dataclass(frozen=True)
+class UnreadableAccount:
+    """A person the app would not give details of (an error other than "no such user")."""
+
+    account_id: str
+    reason: str  # status and the app's error code, e.g. "HTTP 400 Request_BadRequest"
+
+
 @dataclass
 class MemberPage:
     """One page of a group's members: the people, and what else the page held."""
@@ -62,13 +70,17 @@ class GroupChange:
     """
 
     remote_id: str
-    name: str | None  # None when this object does not carry the property (or it is null)
+    # None: this object does not carry the property (unchanged), unless it is in ``cleared``.
+    name: str | None
     description: str | None
     mail: str | None
     kind: str | None  # as RemoteGroup.kind, when the object carries the properties it needs
     removed: str | None  # the app's reason ("changed", "deleted", ...): the group is gone
     members_added: list[MemberRef] = field(default_factory=list)
     members_removed: list[MemberRef] = field(default_factory=list)
+    # Properties ("description", "mail") the object carries as null: cleared in the app. A
+    # delta object carries at least what changed, so absent means unchanged, null means none.
+    cleared: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -135,7 +147,10 @@ class Connector(Protocol):
 
     def latest_delta_link(self) -> str: ...
 
-    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account]: ...
+    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account | UnreadableAccount]:
+        """Details of these people; those the app will not give are UnreadableAccounts,
+        those no longer in the app are left out."""
+        ...
 
     def administrators(self) -> Iterator[Account]:
         """People who hold an administrator role in the app now (groups expanded)."""

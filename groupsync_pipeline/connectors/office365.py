@@ -15,12 +15,11 @@ import contextlib
 import json
 import queue
 import random
-import re
 import ssl
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,6 +53,7 @@ from groupsync_pipeline.connectors.base import (
     PermissionDeniedError,
     ProgressCallback,
     RemoteGroup,
+    UnreadableAccount,
     VendorError,
     close_matches,
 )
@@ -75,7 +75,8 @@ DELTA_SELECT = "displayName,description,mail,mailEnabled,securityEnabled,groupTy
 # Graph error codes meaning "the saved delta state is gone: start over" (compared lower case).
 _SYNC_RESET_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
 _KIND_PROPERTIES = frozenset({"groupTypes", "securityEnabled", "mailEnabled"})
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# GroupChange fields a group can lose (null in Graph), and their Graph property names.
+_CLEARABLE = {"description": "description", "mail": "mail"}
 # Token audiences of the Graph clouds; any other graph_url (a proxy, the sandbox) asks for the
 # public Graph audience.
 _GRAPH_AUDIENCES = (
@@ -155,9 +156,10 @@ class _Api:
 class _Retryable(Exception):
     """A transient failure: throttling, a 5xx, a dropped connection or a garbled page."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, what: str = "") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.what = what or message  # short, for the log line of each wait: "429", "ReadTimeout"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -299,6 +301,10 @@ def _group_change(obj: Any) -> tuple[GroupChange, int]:
         removed=reason,
         members_added=added,
         members_removed=removed,
+        # Present with null: cleared in the app (absent: not carried, i.e. unchanged).
+        cleared=frozenset(
+            field for field, key in _CLEARABLE.items() if key in obj and obj[key] is None
+        ),
     )
     return change, invalid
 
@@ -313,6 +319,23 @@ def _inner_error(status: int, body: Any) -> str:
         if error.get("message"):
             text += f" - {str(error['message'])[:300]}"
     return text
+
+
+def _segment(value: str) -> str:
+    """An id as one URL path segment, whatever characters it holds."""
+    return quote(value, safe="")
+
+
+def _inner_status(status: int, body: Any) -> str:
+    """An inner answer's status and Graph error code only (what a run's metadata may show:
+    the message can quote the request)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    if not isinstance(code, str) or not code.strip():
+        return f"HTTP {status}"
+    # The code is the service's text: one short printable token, whatever it sent.
+    clean = "".join(c if c.isprintable() and not c.isspace() else "?" for c in code.strip())
+    return f"HTTP {status} {clean[:64]}"
 
 
 def _member_type(obj: dict[str, Any]) -> str:
@@ -343,12 +366,20 @@ class GraphConnector:
         max_retry_wait: float = 300.0,
         backoff_initial: float = 1.0,
         on_page: ProgressCallback | None = None,
+        log: Callable[[str], None] | None = None,
+        publisher_identifier: str | None = None,
     ) -> None:
+        """``log`` gets one line per retry wait (status, seconds, attempt); it may be called
+        from the connector's fetching threads. ``publisher_identifier``: sent as
+        PublisherIdentifier on every Management API request (default: ``tenant_id``)."""
         self.graph_url = graph_url.rstrip("/")
         self._origin = "{0.scheme}://{0.netloc}".format(urlsplit(self.graph_url))
         # The Office 365 Management Activity API root (without /api/v1.0).
         self.management_url = management_url.rstrip("/")
         self._tenant_id = tenant_id
+        # Microsoft counts Management API throttling per PublisherIdentifier; requests without
+        # one share a common quota.
+        self._publisher = publisher_identifier or tenant_id
         self._authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self._client_id = client_id
         self._client_secret = client_secret
@@ -378,6 +409,7 @@ class GraphConnector:
         self._max_retry_wait = max_retry_wait
         self._backoff_initial = backoff_initial
         self.on_page = on_page
+        self._log = log
         # Pages are fetched on a background thread: the token and msal's set-up are shared.
         self._token_lock = threading.Lock()
 
@@ -462,6 +494,22 @@ class GraphConnector:
         backoff = self._backoff_initial * 2 ** (state.attempt_number - 1)
         return min(30.0, backoff) + random.uniform(0, self._backoff_initial)
 
+    def _report_wait(
+        self, api: _Api, what: str, url: str, seconds: float, next_attempt: int
+    ) -> None:
+        """Tell the caller's log about a retry wait: a throttled run is not a silent one."""
+        if self._log is not None:
+            self._log(
+                f"{api.label} {what} on {self._api_path(url, api)}: waiting {seconds:.1f} s "
+                f"(attempt {next_attempt} of {self._max_attempts})"
+            )
+
+    def _api_path(self, url: str, api: _Api) -> str:
+        """The URL's path below the API's root (no query: it can hold long state tokens)."""
+        root = urlsplit(self.graph_url if api is self._graph_api else self.management_url).path
+        path = self._path(url)
+        return path[len(root) :] if root and path.startswith(root + "/") else path
+
     def _request_json(
         self,
         method: str,
@@ -507,9 +555,16 @@ class GraphConnector:
                 f"{api.prefix}"
             )
         cancel = cancel or threading.Event()
+
+        def report_wait(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            what = exc.what if isinstance(exc, _Retryable) else "error"
+            self._report_wait(api, what, url, state.upcoming_sleep, state.attempt_number + 1)
+
         retrying = Retrying(
             retry=retry_if_exception_type(_Retryable),
             wait=self._wait,
+            before_sleep=report_wait,
             stop=(
                 stop_after_attempt(self._max_attempts)
                 | stop_before_delay(self._max_retry_wait)
@@ -549,7 +604,10 @@ class GraphConnector:
                 )
                 body = response.content  # read fully: a truncated body raises here
             except httpx.TransportError as exc:
-                raise _Retryable(f"{type(exc).__name__}: {exc or 'connection problem'}") from None
+                raise _Retryable(
+                    f"{type(exc).__name__}: {exc or 'connection problem'}",
+                    what=type(exc).__name__,
+                ) from None
             if response.status_code != 401:
                 break
         assert response is not None
@@ -557,7 +615,9 @@ class GraphConnector:
         where = f"{api.label} {method} {self._path(url)}"
         if status in RETRY_STATUSES:
             raise _Retryable(
-                self._describe(response), parse_retry_after(response.headers.get("Retry-After"))
+                self._describe(response),
+                parse_retry_after(response.headers.get("Retry-After")),
+                str(status),
             )
         if self._sync_reset(url, response):
             location = response.headers.get("Location")
@@ -607,7 +667,7 @@ class GraphConnector:
                 f"{body[:80].decode('utf-8', 'replace')!r}"
             )
             if status == 200:  # a proxy's error page or a cut answer: worth another try
-                raise _Retryable(problem) from None
+                raise _Retryable(problem, what="HTTP 200 not JSON") from None
             raise VendorError(f"{where}: {problem}", status) from None
 
     def _path(self, url: str) -> str:
@@ -821,6 +881,15 @@ class GraphConnector:
                 break
             if time.monotonic() + wait > deadline:
                 break
+            statuses = sorted({results[i][0] for i in retry if i in answered})
+            what = "/".join(map(str, statuses)) if statuses else "no answer"
+            self._report_wait(
+                self._graph_api,
+                f"{what} for {len(retry)} of {len(pending)} requests",
+                f"{self.graph_url}/$batch",
+                wait,
+                attempt + 1,
+            )
             time.sleep(wait)
             pending = retry
         return results
@@ -849,7 +918,8 @@ class GraphConnector:
         """People in the group, nested groups flattened, as Graph counts them."""
         text = self._request_json(
             "GET",
-            f"{self.graph_url}/groups/{remote_id}/transitiveMembers/microsoft.graph.user/$count",
+            f"{self.graph_url}/groups/{_segment(remote_id)}/transitiveMembers/microsoft.graph.user"
+            "/$count",
             headers={"ConsistencyLevel": "eventual"},
         )
         count = batch_count(text)
@@ -867,7 +937,10 @@ class GraphConnector:
         counts: dict[str, int] = {}
         for start in range(0, len(group_ids), BATCH_SIZE):
             chunk = group_ids[start : start + BATCH_SIZE]
-            urls = [f"/groups/{gid}/transitiveMembers/microsoft.graph.user/$count" for gid in chunk]
+            urls = [
+                f"/groups/{_segment(gid)}/transitiveMembers/microsoft.graph.user/$count"
+                for gid in chunk
+            ]
             answers = self._batch_get(urls, {"ConsistencyLevel": "eventual"})
             for gid, (status, body) in zip(chunk, answers, strict=True):
                 if status in (401, 403):
@@ -886,16 +959,9 @@ class GraphConnector:
         reference = reference.strip()
         if not reference:
             raise GroupNotFoundError("no group given: name a group id or its exact display name")
-        if _GUID.match(reference):
-            try:
-                group = self._request_json(
-                    "GET", f"{self.graph_url}/groups/{reference}", params={"$select": GROUP_SELECT}
-                )
-            except VendorError as exc:
-                if exc.status != 404:
-                    raise
-                raise GroupNotFoundError(f"no group with id {reference} in this tenant") from None
-            return self._remote_group(group, self.member_count(reference))
+        by_id = self._group_by_id(reference)
+        if by_id is not None:
+            return self._remote_group(by_id, self.member_count(by_id["id"]))
         literal = reference.replace("'", "''")  # OData string literal escaping
         # Graph compares display names without regard to case; an import wants the exact name.
         found = [
@@ -921,13 +987,41 @@ class GraphConnector:
         }
         matches = close_matches(reference, names)
         hint = f"; close matches: {'; '.join(matches)}" if matches else ""
-        raise GroupNotFoundError(f"no group named exactly '{reference}' in this tenant{hint}")
+        raise GroupNotFoundError(
+            f"no group has the id or the exact name '{reference}' in this tenant{hint}"
+        )
+
+    def _group_by_id(self, reference: str) -> dict[str, Any] | None:
+        """The group whose id is ``reference``, whatever the reference's shape; None when
+        Graph's answer says it is no group id (404; 400 "Invalid object identifier"; any
+        client error about the path, as a name such as "$count" or "HR (EU)" can get)."""
+        if reference in (".", ".."):  # a dot segment would change the URL's path
+            return None
+        try:
+            group = self._request_json(
+                "GET",
+                f"{self.graph_url}/groups/{_segment(reference)}",
+                params={"$select": GROUP_SELECT},
+            )
+        except ServiceError as exc:  # 401/403 are other errors; 429/5xx were retried
+            if exc.status is not None and 400 <= exc.status < 500:
+                return None
+            raise
+        # A name such as "delta" or "$count" reaches another function of /groups: only an
+        # answer that is this very group counts.
+        if (
+            isinstance(group, dict)
+            and isinstance(group.get("id"), str)
+            and group["id"].casefold() == reference.casefold()
+        ):
+            return group
+        return None
 
     def group_members(self, remote_id: str) -> Iterator[MemberPage]:
         """The group's people, nested groups flattened, page by page (bounded memory)."""
         pages = members = 0
         params = {"$select": MEMBER_SELECT, "$top": str(PAGE_SIZE)}
-        for page in self._pages(f"/groups/{remote_id}/transitiveMembers", params):
+        for page in self._pages(f"/groups/{_segment(remote_id)}/transitiveMembers", params):
             result = MemberPage(accounts=[], other_members=Counter())
             for obj in page["value"]:
                 if not isinstance(obj, dict) or not obj.get("id"):
@@ -998,12 +1092,15 @@ class GraphConnector:
             raise VendorError("Graph GET /groups/delta: no deltaLink in the answer")
         return link
 
-    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account]:
+    def users_by_id(self, user_ids: Iterable[str]) -> Iterator[Account | UnreadableAccount]:
         """Account details for these user ids (e.g. members a delta added), 20 per $batch.
 
         Yielded in the order asked; repeated ids are asked once; ids of users no longer in
-        the tenant (inner 404) are skipped. Inner throttling and 5xx are retried within the
-        usual budget; still failing after it is a VendorError.
+        the tenant (inner 404) are skipped. A user Graph answers for with another client error
+        (400, 409, ...) or with something that is not a user is yielded as an
+        UnreadableAccount with the status and Graph's error code: one person must not stop
+        the others. Inner throttling and 5xx are retried within the usual budget; still
+        failing after it is a VendorError, and an inner 401/403 is a PermissionDeniedError.
         """
         seen: set[str] = set()
         chunk: list[str] = []
@@ -1018,7 +1115,7 @@ class GraphConnector:
         if chunk:
             yield from self._users_batch(chunk)
 
-    def _users_batch(self, user_ids: list[str]) -> Iterator[Account]:
+    def _users_batch(self, user_ids: list[str]) -> Iterator[Account | UnreadableAccount]:
         # Quoted: an id (or a UPN with #EXT#) must stay one path segment of the inner URL.
         urls = [f"/users/{quote(uid, safe='')}?$select={MEMBER_SELECT}" for uid in user_ids]
         for user_id, (status, body) in zip(user_ids, self._batch_get(urls), strict=True):
@@ -1032,16 +1129,25 @@ class GraphConnector:
                 )
             if status == 200 and isinstance(body, dict) and isinstance(body.get("id"), str):
                 yield account_from_user(body)
-                continue
-            if status == 200:
-                problem = "an answer that is not a user"
+            elif status == 200:
+                yield UnreadableAccount(user_id, "HTTP 200: an answer that is not a user")
             elif status in RETRY_STATUSES:
-                problem = f"still failing after retries ({_inner_error(status, body)})"
-            elif status == 0:
-                problem = "no answer with a status for it, even after retries"
+                raise VendorError(
+                    f"Graph GET /users/{user_id:.60} inside $batch: still failing after "
+                    f"retries ({_inner_error(status, body)})",
+                    status,
+                )
+            elif 400 <= status < 500:  # this person only: the others are still read
+                yield UnreadableAccount(user_id, _inner_status(status, body))
             else:
-                problem = _inner_error(status, body)
-            raise VendorError(f"Graph GET /users/{user_id:.60} inside $batch: {problem}", status)
+                problem = (
+                    "no answer with a status for it, even after retries"
+                    if status == 0
+                    else _inner_error(status, body)
+                )
+                raise VendorError(
+                    f"Graph GET /users/{user_id:.60} inside $batch: {problem}", status
+                )
 
     # --- administrators and domains ---------------------------------------------------------
 
@@ -1160,9 +1266,21 @@ class GraphConnector:
         return f"{self.management_url}/api/v1.0/{quote(self._tenant_id, safe='')}/activity/feed"
 
     def _management(
-        self, method: str, url: str, params: dict[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        params: dict[str, str] | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[Any, httpx.Headers]:
-        return self._request(method, url, api=self._management_api, params=params)
+        """One Management API request, with the PublisherIdentifier Microsoft asks for on
+        every request (unless the URL, e.g. a NextPageUri, already carries one)."""
+        target = httpx.URL(url)
+        if "publisheridentifier" not in {key.casefold() for key in target.params}:
+            if params is None:  # merged into the URL's own query (params= would replace it)
+                url = str(target.copy_merge_params({"PublisherIdentifier": self._publisher}))
+            else:
+                params = {**params, "PublisherIdentifier": self._publisher}
+        return self._request(method, url, api=self._management_api, params=params, cancel=cancel)
 
     def _start_subscription(self, content_type: str) -> None:
         """Start the content type's subscription, once per connector ("already enabled" is
@@ -1276,7 +1394,7 @@ class GraphConnector:
                 )
 
     def _fetch_blob(self, uri: str, cancel: threading.Event) -> list[Any]:
-        records, _ = self._request("GET", uri, api=self._management_api, cancel=cancel)
+        records, _ = self._management("GET", uri, cancel=cancel)
         if not isinstance(records, list):
             raise VendorError(
                 f"Management API GET {self._path(uri)}: the content blob is not a list of records"

@@ -7,16 +7,16 @@ import dagster as dg
 from groupsync_pipeline.activity_ingest import IngestSettings, ingest_connection
 from groupsync_pipeline.alert_emails import AlertEmailRound, send_pending_alert_emails
 from groupsync_pipeline.config import ConfigError
-from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.assets import (
     WAREHOUSE_POOL,
     ConnectionsConfig,
     imported_group_members,
 )
+from groupsync_pipeline.defs.isolation import ConnectionFailures
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.notifications import SmtpSettings
 from groupsync_pipeline.policies import evaluate_policies, load_policies
-from groupsync_pipeline.storage.warehouse import WarehouseBusyError, WarehousePublishError
+from groupsync_pipeline.storage.warehouse import WarehousePublishError
 
 
 @dg.asset(
@@ -41,11 +41,11 @@ def activities(
         raise dg.Failure(description=str(exc)) from None
     chosen = [connections.get(name) for name in config.connections] or connections.all()
     metadata: dict[str, dg.RawMetadataValue] = {}
-    failures: list[str] = []
+    failures = ConnectionFailures("activity read")
     totals = {"new": 0, "read": 0, "tags": 0}
     for connection in chosen:
         name = connection.name
-        try:
+        try:  # each connection commits or fails alone
             outcome = ingest_connection(
                 connection, warehouse.get(), settings=settings, log=context.log.info
             )
@@ -53,9 +53,8 @@ def activities(
             # Committed: only the snapshot people read is stale until the next write.
             context.log.warning(f"{name}: {exc}")
             continue
-        except (ConnectorError, ConfigError, WarehouseBusyError) as exc:
-            failures.append(f"{name}: {exc}")
-            context.log.error(f"{name}: activities not read: {exc}")
+        except Exception as exc:  # one connection alone: see defs/isolation.py
+            failures.record(context, name, exc)
             continue
         merge = outcome.merge
         totals["new"] += merge.new
@@ -85,8 +84,7 @@ def activities(
     metadata["new activities"] = totals["new"]
     metadata["events read"] = totals["read"]
     metadata["group tags"] = totals["tags"]
-    if failures:
-        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
+from groupsync_pipeline.defs.isolation import ConnectionFailures
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.import_runs import (
     RunIdentity,
@@ -45,21 +46,19 @@ def group_catalog(
 ) -> dg.MaterializeResult:
     chosen = [connections.get(name) for name in config.connections] or connections.all()
     metadata: dict[str, dg.RawMetadataValue] = {}
-    failures: list[str] = []
+    failures = ConnectionFailures("catalog refresh")
     for connection in chosen:
-        try:
+        try:  # each connection commits or fails alone
             outcome = refresh_group_catalog(connection, warehouse.get(), log=context.log.info)
-        except ConnectorError as exc:
-            failures.append(f"{connection.name}: {exc}")
-            context.log.error(f"{connection.name}: catalog refresh failed: {exc}")
+        except Exception as exc:  # one connection alone: see defs/isolation.py
+            failures.record(context, connection.name, exc)
             continue
         metadata[f"{connection.name} groups"] = outcome.groups
         metadata[f"{connection.name} groups without a member count"] = (
             outcome.groups - outcome.with_counts
         )
         metadata[f"{connection.name} seconds"] = round(outcome.duration_seconds, 2)
-    if failures:
-        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -170,10 +169,10 @@ def _sync_imported_groups(
         policy, full_sync_every = sync_settings_from_env()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc)) from None
-    failures: list[str] = []
+    failures = ConnectionFailures("sync")
     outcomes: list[ConnectionSyncOutcome] = []
     for connection in chosen:
-        try:
+        try:  # each connection commits or fails alone; a failed one changed nothing
             outcomes.append(
                 sync_connection(
                     connection,
@@ -186,9 +185,8 @@ def _sync_imported_groups(
                     policy=policy,
                 )
             )
-        except ConnectorError as exc:
-            failures.append(f"{connection.name}: {exc}")
-            context.log.error(f"{connection.name}: sync failed, nothing changed: {exc}")
+        except Exception as exc:  # one connection alone: see defs/isolation.py
+            failures.record(context, connection.name, exc)
     metadata: dict[str, dg.RawMetadataValue] = {
         "groups_synced": sum(o.groups_synced for o in outcomes),
         "joined": sum(o.joined for o in outcomes),
@@ -199,8 +197,23 @@ def _sync_imported_groups(
         "full_resyncs": dg.MetadataValue.json(
             {o.connection: o.full_reason for o in outcomes if o.mode == "full"}
         ),
-        "connections": dg.MetadataValue.json([asdict(o) for o in outcomes]),
+        # People the app would not give details of, per connection: id -> status and code.
+        "unreadable_people": dg.MetadataValue.json(
+            {o.connection: _first(o.unreadable, UNREADABLE_SHOWN) for o in outcomes if o.unreadable}
+        ),
+        "connections": dg.MetadataValue.json(
+            [{**asdict(o), "unreadable": len(o.unreadable)} for o in outcomes]
+        ),
     }
-    if failures:
-        raise dg.Failure(description="; ".join(failures), metadata=metadata)
+    failures.raise_if_any(len(chosen), metadata)
     return dg.MaterializeResult(metadata=metadata)
+
+
+UNREADABLE_SHOWN = 100  # per connection in the run's metadata; the log line gives the count
+
+
+def _first(entries: dict[str, str], limit: int) -> dict[str, str]:
+    shown = dict(list(entries.items())[:limit])
+    if len(entries) > limit:
+        shown["..."] = f"{len(entries) - limit} more"
+    return shown

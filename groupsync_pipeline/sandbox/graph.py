@@ -472,7 +472,9 @@ class FaultInjector:
             "respond",
         }
     )
-    INNER_KINDS = frozenset({"throttle", "error", "timeout"})  # what a $batch item can do
+    # What a $batch item can do; "respond" answers one inner request (say, one /users/{id})
+    # with exactly the status and JSON body given.
+    INNER_KINDS = frozenset({"throttle", "error", "timeout", "respond"})
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -703,6 +705,8 @@ class _Handler(BaseHTTPRequestHandler):
             if foreign and isinstance(resp.payload, dict) and "@odata.nextLink" in resp.payload:
                 resp.payload["@odata.nextLink"] = "https://graph.attacker.example/v1.0/next"
         data = resp.body()
+        # Recorded before answering: a client that got its answer finds its request logged.
+        sandbox._record(req, resp.status)
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -711,7 +715,6 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in resp.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        sandbox._record(req, resp.status)
         if fault is not None and fault.kind == "truncate":
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
@@ -1044,7 +1047,7 @@ class GraphSandbox:
                 "error": {
                     "code": "AF429",
                     "message": f"Too many requests. Method={req.method}, "
-                    f"PublisherId={self.tenant_id}",
+                    f"PublisherId={req.params().get('publisheridentifier') or self.tenant_id}",
                 }
             }
             headers = {"Retry-After": fault.retry_after or "1"}
@@ -2239,14 +2242,27 @@ class GraphSandbox:
             if fault is not None and fault.kind == "timeout":
                 self._stopping.wait(fault.delay)
                 fault = None
-            resp = (
-                self._fault_response(fault, inner) if fault is not None else self._dispatch(inner)
-            )
+            if fault is not None and fault.kind == "respond":
+                resp = _inner_answer(fault)
+            elif fault is not None:
+                resp = self._fault_response(fault, inner)
+            else:
+                resp = self._dispatch(inner)
         headers = {"Content-Type": resp.content_type, **resp.headers}
         payload = resp.payload
         if resp.content_type == TEXT_TYPE and isinstance(payload, int):
             payload = int(payload)  # $count: the inner body is the bare integer
         return resp.status, headers, payload
+
+
+def _inner_answer(fault: Fault) -> _Response:
+    """A "respond" fault inside $batch: inner bodies are JSON values (text when not JSON)."""
+    raw = (fault.body or b"").decode("utf-8", "replace")
+    try:
+        payload: Any = json.loads(raw) if raw else None
+    except ValueError:
+        payload = raw
+    return _Response(fault.status or 200, payload, fault.content_type)
 
 
 def _method_not_allowed() -> GraphError:

@@ -13,6 +13,9 @@ Behaviour copied from Microsoft's "Office 365 Management Activity API reference"
   ``page_size`` blobs per answer, the rest via the ``NextPageUri`` header;
 * ``GET {contentUri}`` -> JSON array of records in the common schema; expired (7 days) ->
   400 ``AF20051``.
+* ``PublisherIdentifier`` on any request is recorded (``publisher_identifiers``);
+  ``require_publisher_identifier`` refuses requests without it. ``NextPageUri`` does not carry
+  it (the documented example does not): clients add it again.
 
 Blobs: for each content type every hour is cut into deterministic slots of 5-15 minutes; a
 slot's blob holds the events that became *visible* in it and is created (``contentCreated``)
@@ -159,6 +162,11 @@ class ManagementActivityApi:
         # Fixed blob slots instead of 5-15 minutes: tests need file events listed in seconds.
         self.slot_seconds = slot_seconds
         self.subscriptions: dict[str, _Subscription] = {}
+        # (operation, PublisherIdentifier or None) of every authorized request, in order.
+        # Microsoft asks for the parameter on every request (throttling is counted by it) but
+        # serves requests without it; with require_publisher_identifier they are refused.
+        self.publisher_identifiers: list[tuple[str, str | None]] = []
+        self.require_publisher_identifier = False
         key = f"groupsync-sandbox-management:{sandbox.tenant_id}:{sandbox.org.seed}"
         self._key = hashlib.sha256(key.encode()).digest()
 
@@ -193,6 +201,11 @@ class ManagementActivityApi:
             raise ManagementError(404, "AF20050", "The specified content does not exist.")
         rest = lowered[5:]
         params = {k.lower(): v for k, v in parse_qsl(query, keep_blank_values=True)}
+        operation = "content blob" if rest[:1] == ["audit"] else "/".join(rest)
+        publisher = params.get("publisheridentifier") or None
+        self.publisher_identifiers.append((operation, publisher))
+        if publisher is None and self.require_publisher_identifier:
+            raise ManagementError(400, "AF20001", "Missing parameter: PublisherIdentifier.")
         if len(rest) == 2 and rest[0] == "subscriptions":
             op = rest[1]
             routes = {"start": "POST", "stop": "POST", "list": "GET", "content": "GET"}
@@ -432,9 +445,7 @@ class ManagementActivityApi:
                 ),
                 ("endTime", dt.datetime.fromtimestamp(end, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")),
             ]
-            publisher = params.get("publisheridentifier")
-            if publisher:
-                pairs.append(("PublisherIdentifier", publisher))
+            # As documented: the window and the next page's id; no PublisherIdentifier.
             pairs.append(("nextPage", token))
             root = self.root(tenant)
             headers["NextPageUri"] = (

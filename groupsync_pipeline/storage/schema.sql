@@ -128,8 +128,11 @@ CREATE TABLE IF NOT EXISTS connection_sync_state (
     chain_started_at   TIMESTAMPTZ,         -- when the current delta chain began (a full read)
     last_synced_at     TIMESTAMPTZ,         -- last committed sync of any kind
     last_full_sync_at  TIMESTAMPTZ,
-    last_full_sync_reason VARCHAR           -- first sync | periodic | delta state expired ... | requested
+    last_full_sync_reason VARCHAR,          -- first sync | periodic | delta state expired ... | requested
+    api_root           VARCHAR              -- the API root and tenant delta_link belongs to
 );
+-- Warehouses from before it get the column (NULL: unknown, so the next sync reads in full).
+ALTER TABLE connection_sync_state ADD COLUMN IF NOT EXISTS api_root VARCHAR;
 
 -- membership_holds: syncs that would have removed too many members of a group, held back.
 -- While a hold is 'held' the group is not changed; `groupsync confirm-shrink` or the next full

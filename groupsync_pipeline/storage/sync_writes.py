@@ -27,7 +27,8 @@ from groupsync_pipeline.storage.writes import record_connection
 _STAGING_DDL = """
 CREATE TABLE IF NOT EXISTS group_objects (
     seq BIGINT NOT NULL, remote_id VARCHAR NOT NULL, name VARCHAR, description VARCHAR,
-    mail VARCHAR, kind VARCHAR, removed VARCHAR
+    mail VARCHAR, kind VARCHAR, removed VARCHAR,
+    description_cleared BOOLEAN NOT NULL, mail_cleared BOOLEAN NOT NULL
 );
 CREATE TABLE IF NOT EXISTS edge_ops (
     seq BIGINT NOT NULL, parent_id VARCHAR NOT NULL, member_id VARCHAR NOT NULL,
@@ -40,7 +41,17 @@ CREATE TABLE IF NOT EXISTS fetched_accounts (
 CREATE TABLE IF NOT EXISTS missing_accounts (account_id VARCHAR NOT NULL);
 """
 
-_OBJECT_COLUMNS = ["seq", "remote_id", "name", "description", "mail", "kind", "removed"]
+_OBJECT_COLUMNS = [
+    "seq",
+    "remote_id",
+    "name",
+    "description",
+    "mail",
+    "kind",
+    "removed",
+    "description_cleared",
+    "mail_cleared",
+]
 _EDGE_COLUMNS = ["seq", "parent_id", "member_id", "member_type", "op"]
 
 
@@ -75,6 +86,8 @@ class DeltaStaging:
                     change.mail,
                     change.kind,
                     change.removed,
+                    "description" in change.cleared,
+                    "mail" in change.cleared,
                 )
             )
             for ref in change.members_removed:
@@ -157,14 +170,20 @@ def resolve_round(
         )
         conn.unregister("imported_frame")
         # The last word on each group object: later pages repeat a group with more members.
+        # A property an object does not carry says nothing; one carried as null clears it
+        # (has_description / has_mail: some object of the round carried it).
         conn.execute(
             """
             CREATE OR REPLACE TABLE last_objects AS
             SELECT remote_id,
                    arg_max(name, seq) FILTER (WHERE name IS NOT NULL) AS name,
-                   arg_max(description, seq) FILTER (WHERE description IS NOT NULL)
+                   arg_max_null(description, seq)
+                       FILTER (WHERE description IS NOT NULL OR description_cleared)
                        AS description,
-                   arg_max(mail, seq) FILTER (WHERE mail IS NOT NULL) AS mail,
+                   bool_or(description IS NOT NULL OR description_cleared) AS has_description,
+                   arg_max_null(mail, seq) FILTER (WHERE mail IS NOT NULL OR mail_cleared)
+                       AS mail,
+                   bool_or(mail IS NOT NULL OR mail_cleared) AS has_mail,
                    arg_max(kind, seq) FILTER (WHERE kind IS NOT NULL) AS kind,
                    arg_max_null(removed, seq) AS removed
             FROM group_objects GROUP BY remote_id
@@ -311,6 +330,7 @@ def apply_round(
     full: bool,
     full_reason: str | None,
     delta_link: str,
+    api_root: str,
     pages: int,
     run_id: str | None,
     duration_seconds: float,
@@ -337,9 +357,10 @@ def apply_round(
         conn.execute(
             """
             INSERT INTO connection_sync_state (connection, delta_link, chain_started_at,
-                last_synced_at, last_full_sync_at, last_full_sync_reason)
-            VALUES ($connection, $link, $now, $now, $now, $reason)
+                last_synced_at, last_full_sync_at, last_full_sync_reason, api_root)
+            VALUES ($connection, $link, $now, $now, $now, $reason, $api_root)
             ON CONFLICT (connection) DO UPDATE SET delta_link = excluded.delta_link,
+                api_root = excluded.api_root,
                 last_synced_at = excluded.last_synced_at,
                 chain_started_at = CASE WHEN $full THEN excluded.chain_started_at
                                         ELSE connection_sync_state.chain_started_at END,
@@ -351,6 +372,7 @@ def apply_round(
             {
                 "connection": name,
                 "link": delta_link,
+                "api_root": api_root,
                 "now": now,
                 "reason": full_reason,
                 "full": full,
@@ -601,8 +623,9 @@ def _update_catalog(
     conn.execute(
         """
         UPDATE group_catalog SET name = coalesce(o.name, group_catalog.name),
-            description = coalesce(o.description, group_catalog.description),
-            mail = coalesce(o.mail, group_catalog.mail),
+            description = CASE WHEN o.has_description THEN o.description
+                               ELSE group_catalog.description END,
+            mail = CASE WHEN o.has_mail THEN o.mail ELSE group_catalog.mail END,
             kind = coalesce(o.kind, group_catalog.kind), seen_at = $now
         FROM stage.last_objects AS o
         WHERE group_catalog.connection = $connection
