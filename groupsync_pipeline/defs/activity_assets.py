@@ -16,7 +16,6 @@ from groupsync_pipeline.defs.isolation import ConnectionFailures
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.notifications import SmtpSettings
 from groupsync_pipeline.policies import evaluate_policies, load_policies
-from groupsync_pipeline.storage.warehouse import WarehousePublishError
 
 
 @dg.asset(
@@ -49,10 +48,6 @@ def activities(
             outcome = ingest_connection(
                 connection, warehouse.get(), settings=settings, log=context.log.info
             )
-        except WarehousePublishError as exc:
-            # Committed: only the snapshot people read is stale until the next write.
-            context.log.warning(f"{name}: {exc}")
-            continue
         except Exception as exc:  # one connection alone: see defs/isolation.py
             failures.record(context, name, exc)
             continue

@@ -16,10 +16,10 @@ import dagster as dg
 
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
-from groupsync_pipeline.storage.warehouse import WarehouseBusyError, WarehousePublishError
+from groupsync_pipeline.storage.warehouse import WarehouseBusyError
 
 # Failures whose message says it all; anything else is unexpected and logged with its traceback.
-EXPECTED_FAILURES = (ConnectorError, ConfigError, WarehouseBusyError, WarehousePublishError)
+EXPECTED_FAILURES = (ConnectorError, ConfigError, WarehouseBusyError)
 
 
 @dataclass

@@ -43,7 +43,8 @@ class WarehouseBusyError(RuntimeError):
 
 
 class WarehousePublishError(RuntimeError):
-    """A commit succeeded but the snapshot people read could not be replaced yet."""
+    """The snapshot people read could not be replaced (after a commit, which stands: write()
+    logs it as a warning and the next write or pipeline read publishes it)."""
 
 
 def open_staging_file(path: Path, ddl: str) -> duckdb.DuckDBPyConnection:
