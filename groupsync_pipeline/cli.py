@@ -297,7 +297,13 @@ _TIME_HELP = (
 )
 
 
-def _emit(found: Any, fmt: str, noun: str, table_columns: tuple[str, ...] | None = None) -> None:
+def _emit(
+    found: Any,
+    fmt: str,
+    noun: str,
+    table_columns: tuple[str, ...] | None = None,
+    order: str = "newest first",
+) -> None:
     from groupsync_pipeline.investigation import footer, render
 
     output = render(found, fmt, table_columns)
@@ -306,7 +312,7 @@ def _emit(found: Any, fmt: str, noun: str, table_columns: tuple[str, ...] | None
         # piped, altering the data (tables already neutralize control characters).
         click.echo(output, color=True)
     if fmt == "table":
-        click.echo(footer(found, noun), err=True)  # stderr: piped csv/json stay clean
+        click.echo(footer(found, noun, order), err=True)  # stderr: piped csv/json stay clean
 
 
 @main.command("activities")
@@ -360,11 +366,11 @@ def activities_command(
     """
     from datetime import UTC, datetime
 
+    from groupsync_pipeline.analyst_data import AnalystDataError, open_analyst_data
     from groupsync_pipeline.investigation import (
         ActivityFilter,
-        InvestigationError,
         find_activities,
-        open_snapshot,
+        import_hints,
         parse_countries,
         parse_since,
         parse_until,
@@ -384,15 +390,18 @@ def activities_command(
             connection=connection,
             limit=limit,
         )
-        with open_snapshot(_warehouse(data_dir).published_path, "activities") as conn:
+        with open_analyst_data(_warehouse(data_dir).data_dir, "activities") as conn:
             found = find_activities(conn, flt)
-    except InvestigationError as exc:
+            hints = import_hints(conn, flt, found)
+    except AnalystDataError as exc:
         raise click.ClickException(str(exc)) from None
     columns = (
         "occurred_at", "connection", "actor_email", "action", "object_name",
         "ip_address", "country", "city", "success", "groups",
     )  # fmt: skip
     _emit(found, fmt, "activities", columns)
+    for hint in hints:  # why a newly imported group shows little (the forward-only rule)
+        click.echo(hint, err=True)
 
 
 @main.command("alerts")
@@ -416,13 +425,8 @@ def alerts_command(
     data_dir: Path | None,
 ) -> None:
     """List the alerts the policies raised, newest first."""
-    from groupsync_pipeline.investigation import (
-        AlertFilter,
-        InvestigationError,
-        find_alerts,
-        open_snapshot,
-        parse_since,
-    )
+    from groupsync_pipeline.analyst_data import AnalystDataError, open_analyst_data
+    from groupsync_pipeline.investigation import AlertFilter, find_alerts, parse_since
 
     try:
         flt = AlertFilter(
@@ -431,12 +435,158 @@ def alerts_command(
             severity=severity,
             limit=limit,
         )
-        with open_snapshot(_warehouse(data_dir).published_path, "alerts") as conn:
+        with open_analyst_data(_warehouse(data_dir).data_dir, "alerts") as conn:
             found = find_alerts(conn, flt)
-    except InvestigationError as exc:
+    except AnalystDataError as exc:
         raise click.ClickException(str(exc)) from None
     columns = (
         "raised_at", "policy", "severity", "actor", "groups",
         "activity_count", "first_at", "last_at", "summary",
     )  # fmt: skip
     _emit(found, fmt, "alerts", columns)
+
+
+@main.command("sql")
+@click.argument("query", required=False)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people; csv or json for tools (UTC ISO 8601 times; lists as JSON in csv).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Rows to show: default 1000 in a table, every row in csv and json; 0 shows all.",
+)
+@_DATA_DIR_OPTION
+def sql_command(query: str | None, fmt: str, limit: int | None, data_dir: Path | None) -> None:
+    """Query groupsync's data with SQL, read-only: one QUERY, or a prompt without one.
+
+    \b
+    groupsync sql "SELECT name, member_count FROM user_groups"
+    groupsync sql            (a prompt: end statements with ';', .help, .quit)
+    groupsync sql < queries.sql
+
+    The tables and views are described in the README. Nothing can be changed from here.
+    """
+    from groupsync_pipeline.analyst_data import AnalystDataError
+    from groupsync_pipeline.config import data_dir as configured_data_dir
+    from groupsync_pipeline.sql_shell import (
+        Shell,
+        SqlError,
+        run_one,
+        stdin_reader,
+        terminal_reader,
+    )
+
+    def out(text: str) -> None:
+        click.echo(text, color=True)  # csv values keep their bytes when piped
+
+    def err(text: str) -> None:
+        click.echo(text, err=True)
+
+    folder = configured_data_dir(data_dir)
+    interactive = query is None and sys.stdin.isatty()
+    try:
+        if query is not None:
+            run_one(folder, query, fmt, limit, out, err)
+            return
+        reader = terminal_reader() if interactive else stdin_reader(sys.stdin)
+        errors = Shell(folder, fmt, limit, out, err, interactive).run(reader)
+    except (SqlError, AnalystDataError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if errors and not interactive:
+        sys.exit(1)  # a script from stdin with a failing statement
+
+
+@main.command("groups")
+@click.option("--connection", default=None, help="Only this connection's groups.")
+@click.option("--search", default=None, help="Only groups whose name or id contains this text.")
+@click.option(
+    "--imported/--not-imported",
+    "imported",
+    default=None,
+    help="Only groups already imported, or only those not imported yet.",
+)
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="Read the groups from the app first (what the refresh_group_catalogs job does).",
+)
+@_LIMIT_OPTION
+@_FORMAT_OPTION
+@_DATA_DIR_OPTION
+def groups_command(
+    connection: str | None,
+    search: str | None,
+    imported: bool | None,
+    refresh: bool,
+    limit: int,
+    fmt: str,
+    data_dir: Path | None,
+) -> None:
+    """List the groups of the connected apps, to pick one for `groupsync import-group`.
+
+    Reads the stored catalog, as the refresh_group_catalogs job (or --refresh here) left it.
+    """
+    from groupsync_pipeline.analyst_data import AnalystDataError, NoDataError, open_analyst_data
+    from groupsync_pipeline.catalog_listing import find_catalog_groups
+    from groupsync_pipeline.config import find_connection
+    from groupsync_pipeline.connectors.base import ConnectorError
+    from groupsync_pipeline.imports import refresh_group_catalog
+
+    warehouse = _warehouse(data_dir)
+    failures: list[str] = []
+    names: list[str] | None = None
+    if connection is not None or refresh:
+        try:
+            configured = load_connections()
+            chosen = [find_connection(configured, connection)] if connection else configured
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        names = [c.name for c in chosen]
+    if refresh:
+        for chosen_connection in chosen:
+            try:
+                refresh_group_catalog(
+                    chosen_connection, warehouse, log=lambda line: click.echo(line, err=True)
+                )
+            except (ConnectorError, ConfigError) as exc:
+                # One connection that cannot be read does not stop the others.
+                failures.append(chosen_connection.name)
+                click.echo(f"{chosen_connection.name}: catalog refresh failed: {exc}", err=True)
+    if names is not None and failures:
+        names = [name for name in names if name not in failures]
+        if not names:
+            raise click.ClickException(f"catalog refresh failed for: {', '.join(failures)}")
+    try:
+        with open_analyst_data(warehouse.data_dir, "group_catalog") as conn:
+            found = find_catalog_groups(
+                conn, connections=names, search=search, imported=imported, limit=limit
+            )
+    except NoDataError as exc:
+        raise click.ClickException(
+            f"{exc}. `groupsync groups --refresh` reads the groups from the app"
+        ) from None
+    except AnalystDataError as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit(found, fmt, "groups", order="by name")
+    if failures:
+        raise click.ClickException(f"catalog refresh failed for: {', '.join(failures)}")
+
+
+@main.command("dagster-home")
+@_DATA_DIR_OPTION
+def dagster_home_command(data_dir: Path | None) -> None:
+    """Print the Dagster home, creating it with groupsync's dagster.yaml if needed.
+
+    $DAGSTER_HOME if set, else <data dir>/dagster: where the demo keeps its runs. Start the UI
+    with: export DAGSTER_HOME=$(groupsync dagster-home) && dg dev
+    """
+    from groupsync_pipeline.dagster_home import prepare_dagster_home
+
+    click.echo(str(prepare_dagster_home(data_dir)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,8 +29,12 @@ DEMO_SECRET_ENV = "GROUPSYNC_DEMO_CLIENT_SECRET"
 DEMO_NOTIFY = "security-team@example.com"
 DEMO_EVOLVE_STEPS = 3  # hours of change in the sandbox tenant between the two syncs
 DEMO_BACKFILL_HOURS = "0.5"  # audit history read by the first ingest (tags start at imports)
+# The second read looks back this far, not 2 hours: the demo's first read went back only 30
+# minutes, and the sandbox's audit delay is minutes (a real tenant's can be hours).
+DEMO_OVERLAP_MINUTES = "10"
 DEMO_BLOB_SECONDS = 5  # file-event blobs every 5 s, not 5-15 minutes: the demo cannot wait
 EXECUTIVE_BURST = 35  # downloads in the executive scene (the example policy's threshold is 30)
+BURST_SPACING = 0.02  # seconds between the executive's downloads
 EXAMPLE_QUERIES = (
     (
         "Imported groups, their size and freshness",
@@ -47,7 +52,8 @@ EXAMPLE_QUERIES = (
     ),
     (
         "Who joined or left since the import (membership history)",
-        "SELECT g.name AS group_name, a.email, m.valid_from, m.valid_to FROM group_memberships m "
+        "SELECT g.name AS group_name, a.email, m.valid_from AS joined_at, m.valid_to AS left_at "
+        "FROM group_memberships m "
         "JOIN user_groups g USING (group_id) "
         "LEFT JOIN accounts a ON a.connection = m.connection AND a.account_id = m.account_id "
         "WHERE m.valid_to IS NOT NULL OR m.valid_from > g.imported_at "
@@ -70,12 +76,20 @@ EXAMPLE_QUERIES = (
     ),
     (
         "Import requests",
-        "SELECT request_id, group_name, status, notify_email, members, duration_seconds "
-        "FROM import_requests ORDER BY request_id",
+        "SELECT request_id, group_name, status, notify_email, members, pages, "
+        "round(duration_seconds, 1) AS seconds FROM import_requests ORDER BY request_id",
     ),
 )
 
+OPEN_INTERVAL = {"left_at": "(member now)"}  # how the demo shows a NULL end: still a member
+NEXT_SQL = "SELECT name, member_count, last_synced_at FROM user_groups ORDER BY name"
+
 Echo = Callable[[str], None]
+
+
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """``1 page``, ``2 pages``, ``1 activity``, ``3 activities``."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
 class DemoError(RuntimeError):
@@ -131,19 +145,22 @@ _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def run_demo(data_dir: Path, echo: Echo) -> None:
+    started = time.monotonic()  # the whole demo, Dagster's import included
     import dagster as dg
-    import duckdb
 
+    from groupsync_pipeline.dagster_home import open_dagster_instance
     from groupsync_pipeline.definitions import defs
+    from groupsync_pipeline.defs.assets import REQUEST_TAG
     from groupsync_pipeline.defs.resources import WarehouseResource
     from groupsync_pipeline.import_requests import RequestRefusedError, request_imports
     from groupsync_pipeline.sandbox.graph import GraphSandbox
     from groupsync_pipeline.smtp_sink import SmtpSink
+    from groupsync_pipeline.storage.control import ControlStore
     from groupsync_pipeline.storage.warehouse import Warehouse
 
     data_dir.mkdir(parents=True, exist_ok=True)
     warehouse = Warehouse(data_dir)
-    started = time.monotonic()
+    control = ControlStore(data_dir)
     with ExitStack() as stack:
         sandbox = stack.enter_context(GraphSandbox(management_slot_seconds=DEMO_BLOB_SECONDS))
         sink = stack.enter_context(SmtpSink())
@@ -163,14 +180,13 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                     "GROUPSYNC_SMTP_SECURITY": "none",  # loopback only
                     "GROUPSYNC_SMTP_FROM": "groupsync@example.com",
                     "GROUPSYNC_ACTIVITY_BACKFILL_HOURS": DEMO_BACKFILL_HOURS,
+                    "GROUPSYNC_ACTIVITY_OVERLAP_MINUTES": DEMO_OVERLAP_MINUTES,
                     POLICIES_ENV: str(_demo_policies(data_dir)),
                 }
             )
         )
-        (data_dir / "dagster").mkdir(exist_ok=True)
-        instance = dg.DagsterInstance.local_temp(
-            str(data_dir / "dagster"), overrides={"telemetry": {"enabled": False}}
-        )
+        # The Dagster home `dg dev` opens (README): the emails' run links work in the UI.
+        instance = stack.enter_context(open_dagster_instance(data_dir))
         result = defs.resolve_job_def("refresh_group_catalogs").execute_in_process(
             run_config=_QUIET, instance=instance, raise_on_error=False
         )
@@ -187,16 +203,18 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                 continue
             echo(f"Requested import of {group!r}: request {request_id} (notify {DEMO_NOTIFY})")
 
-        # The sensor's own log lines would repeat what the demo prints.
-        stack.callback(logging.getLogger("dagster").setLevel, logging.getLogger("dagster").level)
-        logging.getLogger("dagster").setLevel(logging.WARNING)
         sensor = defs.resolve_sensor_def("import_request_sensor")
         import_job = defs.resolve_job_def("import_user_group")
-        # Requests from an earlier demo are done, not pending: no cursor is needed to skip them.
         resources = {"warehouse": WarehouseResource(data_dir=str(data_dir))}
-        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources))
+
+        def sensor_context(cursor: str | None = None) -> dg.SensorEvaluationContext:
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+            context.log.setLevel(logging.WARNING)  # its lines would repeat what the demo prints
+            return context
+
+        # Requests from an earlier demo are done, not pending: no cursor is needed to skip them.
+        tick = sensor.evaluate_tick(sensor_context())
         for run_request in tick.run_requests or []:
-            step_started = time.monotonic()
             result = import_job.execute_in_process(
                 run_config={**run_request.run_config, **_QUIET},
                 tags={**run_request.tags, "dagster/run_key": run_request.run_key or ""},
@@ -204,18 +222,21 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                 raise_on_error=False,
             )
             _require_success(result, f"import run {run_request.run_key}")
-            metadata = _metadata(result)
+            # What the request recorded is what its email and the tables say: one duration.
+            request = control.get(int(run_request.tags[REQUEST_TAG]))
+            assert request is not None and request.members is not None
             echo(
-                f"Imported {metadata.get('group')!r}: {metadata.get('members')} members from "
-                f"{metadata.get('pages_fetched')} pages in {time.monotonic() - step_started:.1f} s "
-                f"(run {result.run_id[:8]}, request {metadata.get('request_id')})"
+                f"Imported {request.group_name!r}: {counted(request.members, 'member')} from "
+                f"{counted(request.pages or 0, 'page')} in {request.duration_seconds or 0:.1f} s "
+                f"(run {result.run_id[:8]}, request {request.request_id})"
             )
         sent_before = len(sink.received)
-        sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources=resources)
-        )
+        sensor.evaluate_tick(sensor_context(tick.cursor))
         emails = sink.received[sent_before:]
-        echo(f"\nThe sensor's next tick sent {len(emails)} completion emails. The first:")
+        echo(
+            f"\nThe sensor's next tick sent {counted(len(emails), 'completion email')}."
+            + (" The first:" if emails else "")
+        )
         if emails:
             message = emails[0].message
             echo(f"  To: {message['To']}\n  Subject: {message['Subject']}")
@@ -238,23 +259,67 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
             echo(
                 f"{label}: {outcome['mode']} sync"
                 + (f" ({outcome['full_reason']})" if outcome["full_reason"] else "")
-                + f", {graph_requests} Graph request{'s' if graph_requests != 1 else ''}: "
-                f"{outcome['groups_synced']} groups, "
+                + f", {counted(graph_requests, 'Graph request')}: "
+                f"{counted(outcome['groups_synced'], 'group')}, "
                 f"+{outcome['joined']} joined / -{outcome['left']} left"
             )
 
         _activities_and_alerts(defs, instance, sandbox, sink, echo)
 
-    echo(f"\nDone in {time.monotonic() - started:.1f} s.")
-    echo(f"DuckDB file to query: {warehouse.published_path}")
-    echo(f"  duckdb -readonly {warehouse.published_path}")
-    conn = duckdb.connect(str(warehouse.published_path), read_only=True)
-    try:
+    echo(f"\nThe demo took {time.monotonic() - started:.0f} s.")
+    _example_queries(data_dir, echo)
+    _next_steps(data_dir, echo)
+
+
+def _example_queries(data_dir: Path, echo: Echo) -> None:
+    """The example queries with their results, as `groupsync sql` shows them."""
+    from groupsync_pipeline.analyst_data import analyst_data_path, open_analyst_data
+    from groupsync_pipeline.investigation import render
+    from groupsync_pipeline.sql_shell import run_statements
+
+    echo(f"The data (read-only with `groupsync sql`): {analyst_data_path(data_dir)}")
+    with open_analyst_data(data_dir) as conn:
         for title, sql in EXAMPLE_QUERIES:
+            (found,) = run_statements(conn, sql, limit=0)
+            assert found is not None
+            for column, words in OPEN_INTERVAL.items():
+                if column in found.frame:
+                    values = found.frame[column]
+                    found.frame[column] = values.astype(object).where(values.notna(), words)
             echo(f"\n-- {title}\n{sql};")
-            echo(conn.execute(sql).df().to_string(index=False))
-    finally:
-        conn.close()
+            echo(render(found, "table"))
+
+
+def _project_root() -> Path | None:
+    """The checkout `dg dev` runs in (pyproject.toml with [tool.dg]), if installed from one."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and "[tool.dg" in pyproject.read_text(encoding="utf-8"):
+        return root
+    return None
+
+
+def _next_steps(data_dir: Path, echo: Echo) -> None:
+    """The exact commands to go on from here."""
+    root = _project_root()
+    ui = "export DAGSTER_HOME=$(groupsync dagster-home) && dg dev"
+    if root is not None and root != Path.cwd().resolve():
+        ui = f"cd {shlex.quote(str(root))} && {ui}"
+    steps = (
+        ("The commands below read this data directory", f"export {DATA_DIR_ENV}="
+         f"{shlex.quote(str(data_dir))}"),
+        ("The Dagster UI at http://localhost:3000, with the runs the emails link to", ui),
+        ("HR's activities in the last hour, with their groups",
+         "groupsync activities --group HR --since 1h"),
+        ("The alerts the policies raised", "groupsync alerts"),
+        ("Your own SQL, read-only (tables and views: README, Storage)",
+         f'groupsync sql "{NEXT_SQL}"'),
+        ("Or a prompt: end statements with ';', .tables lists them, .quit leaves",
+         "groupsync sql"),
+    )  # fmt: skip
+    echo("\nNext steps:")
+    for why, command in steps:
+        echo(f"  # {why}:\n  {command}")
 
 
 def _demo_policies(data_dir: Path) -> Path:
@@ -283,9 +348,9 @@ def _activities_and_alerts(defs: Any, instance: Any, sandbox: Any, sink: Any, ec
             materialization = event.event_specific_data.materialization
             metadata.update({k: v.value for k, v in materialization.metadata.items()})
         echo(
-            f"{label}: {metadata.get('new activities')} new activities "
-            f"({metadata.get('events read')} read), {metadata.get('group tags')} group tags, "
-            f"{metadata.get('alerts raised')} alerts"
+            f"{label}: {counted(metadata['new activities'], 'new activity', 'new activities')} "
+            f"({metadata['events read']} read), {counted(metadata['group tags'], 'group tag')}, "
+            f"{counted(metadata['alerts raised'], 'alert')}"
         )
 
     echo("")
@@ -304,7 +369,7 @@ def _activities_and_alerts(defs: Any, instance: Any, sandbox: Any, sink: Any, ec
     for i in range(EXECUTIVE_BURST):
         stream.add_file_event(
             upn[executive],
-            now + i / 10,
+            now + i * BURST_SPACING,
             "FileDownloaded",
             f"Board pack {i + 1:02d}.pdf",
             "/sites/Executives",
@@ -318,7 +383,8 @@ def _activities_and_alerts(defs: Any, instance: Any, sandbox: Any, sink: Any, ec
         f"{upn[executive]} (Executives) downloads {EXECUTIVE_BURST} board documents; "
         f"{upn[admin]} (an administrator) signs in from Lagos and resets a password."
     )
-    time.sleep(EXECUTIVE_BURST / 10 + DEMO_BLOB_SECONDS + 1.5)  # until their blobs are out
+    # Until the blobs holding them are published (the last one when its slot ends).
+    time.sleep(EXECUTIVE_BURST * BURST_SPACING + DEMO_BLOB_SECONDS + 1.5)
     sent_before = len(sink.received)
     ingest("Next activity read")
     emails = sink.received[sent_before:]

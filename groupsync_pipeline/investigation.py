@@ -1,8 +1,8 @@
 """Investigating activity and alerts: filters, parameterized queries, and output formats.
 
 Used by the ``groupsync activities`` and ``groupsync alerts`` commands, the demo and tests. It
-reads the published snapshot (``groupsync.duckdb``) read-only and briefly, never the private
-warehouse: that is the file people query, and a read-only open of it never blocks the pipeline.
+reads the analysts' data read-only and briefly (``analyst_data.open_analyst_data``), never the
+private warehouse, so it never blocks the pipeline.
 
 Every value a person types reaches DuckDB as a bound parameter; the SQL text is assembled only
 from fixed fragments chosen by which filters are set.
@@ -23,6 +23,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from groupsync_pipeline.analyst_data import AnalystDataError, open_analyst_data
 from groupsync_pipeline.connectors.base import close_matches
 
 FORMATS = ("table", "csv", "json")
@@ -37,12 +38,8 @@ _TIME_HELP = (
 )
 
 
-class InvestigationError(Exception):
+class InvestigationError(AnalystDataError):
     """A filter cannot be applied as given; the message says what to type instead."""
-
-
-class NoDataError(InvestigationError):
-    """Nothing to investigate yet: no published snapshot, or it lacks the table."""
 
 
 class UnknownGroupError(InvestigationError):
@@ -160,34 +157,9 @@ def _check_limit(limit: int) -> None:
 
 @contextmanager
 def open_snapshot(published_path: Path, table: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection to the published snapshot, which must hold ``table``."""
-    if not published_path.exists():
-        raise NoDataError(
-            f"no data yet: {published_path} does not exist (nothing has been imported into "
-            "this data directory; check --data-dir or $GROUPSYNC_DATA_DIR)"
-        )
-    try:
-        conn = duckdb.connect(str(published_path), read_only=True)
-    except (duckdb.IOException, duckdb.ConnectionException) as exc:
-        # A session holding the snapshot read-write (e.g. `duckdb groupsync.duckdb` without
-        # -readonly) makes DuckDB refuse every other opener, read-only ones included.
-        raise InvestigationError(
-            f"cannot open {published_path} read-only ({exc}). A session that holds it "
-            "read-write blocks every reader: close it, or reopen it with `duckdb -readonly`"
-        ) from None
-    try:
-        present = conn.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = $table",
-            {"table": table},
-        ).fetchall()[0][0]
-        if not present:
-            raise NoDataError(
-                f"no {table} yet: {published_path} has no {table} table (the pipeline that "
-                "writes it has not run against this data directory)"
-            )
+    """``open_analyst_data`` for the data directory holding ``published_path``."""
+    with open_analyst_data(published_path.parent, table) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 def resolve_groups(conn: duckdb.DuckDBPyConnection, references: tuple[str, ...]) -> list[str]:
@@ -411,7 +383,11 @@ def to_csv(frame: pd.DataFrame) -> str:
         if pd.api.types.is_datetime64_any_dtype(out[column]):
             out[column] = out[column].map(lambda v: "" if _is_missing(v) else _iso(v))
     # A list in one cell as JSON text: unambiguous even when a group name holds a comma.
-    out["groups"] = out["groups"].map(lambda names: json.dumps(names, ensure_ascii=False))
+    for column in out.columns:
+        if out[column].map(lambda value: isinstance(value, list | dict)).any():
+            out[column] = out[column].map(
+                lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
+            )
     return out.to_csv(index=False)
 
 
@@ -457,12 +433,38 @@ def render(found: Found, fmt: str, table_columns: tuple[str, ...] | None = None)
     raise InvestigationError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
-def footer(found: Found, noun: str) -> str:
+def footer(found: Found, noun: str, order: str = "newest first") -> str:
     """One line for people: how many rows were shown and whether more matched."""
     count = len(found.frame)
     if found.more:
         return (
-            f"{count} {noun} shown, newest first; more match (--limit 0 shows all, or narrow "
+            f"{count} {noun} shown, {order}; more match (--limit 0 shows all, or narrow "
             "the filters)"
         )
     return f"{count} {noun} shown (all that match)"
+
+
+def import_hints(conn: duckdb.DuckDBPyConnection, flt: ActivityFilter, found: Found) -> list[str]:
+    """Lines for people when a --group filter names a group imported after the window start.
+
+    Activities are tagged with a group only from its import on (the forward-only rule), so such
+    a group shows nothing before that moment, which would otherwise look like a quiet group.
+    With no --since, the hint is given only when nothing matched.
+    """
+    if not flt.groups or (flt.since is None and len(found.frame)):
+        return []
+    rows = conn.execute(
+        """
+        SELECT name, type, imported_at FROM user_groups
+        WHERE list_contains($group_ids, group_id) AND imported_at IS NOT NULL
+          AND ($since IS NULL OR imported_at > $since)
+        ORDER BY imported_at, name
+        """,
+        {"group_ids": resolve_groups(conn, flt.groups), "since": flt.since},
+    ).fetchall()
+    return [
+        f"{_CONTROL.sub('?', name)} was {'created' if kind == 'automatic' else 'imported'} at "
+        f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC; activities are tagged with it only from "
+        "then on"
+        for name, kind, at in rows
+    ]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 from click.testing import CliRunner
@@ -17,7 +20,10 @@ from groupsync_pipeline.config import load_connections
 from groupsync_pipeline.connected_apps import open_connector
 
 
-def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
+def test_demo_imports_sandbox_groups_and_prints_queries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
     data = tmp_path / "demo-data"
     result = CliRunner().invoke(main, ["demo", "--data-dir", str(data)])
     assert result.exit_code == 0, result.output
@@ -27,8 +33,7 @@ def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
     assert "Subject: groupsync: 'HR' imported from sandbox (273 members)" in result.output
     assert "First hourly sync: full sync (first sync)" in result.output
     assert "After 3 hours of tenant changes: delta sync, 1 Graph request:" in result.output
-    assert f"DuckDB file to query: {data / 'groupsync.duckdb'}" in result.output
-    assert result.output.count("SELECT ") == 8
+    assert result.output.count("SELECT ") >= 8
     assert "Alert emails sent: 3" in result.output
     conn = duckdb.connect(str(data / "groupsync.duckdb"), read_only=True)
     try:
@@ -46,6 +51,13 @@ def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
             "SELECT count(*) FROM group_activities WHERE group_name = 'HR' "
             "AND object_name = 'Salary bands 2026.xlsx'"
         ).fetchall()
+        durations = dict(
+            conn.execute("SELECT group_name, duration_seconds FROM import_requests").fetchall()
+        )
+        open_joins = conn.execute(
+            "SELECT count(*) FROM group_memberships m JOIN user_groups g USING (group_id) "
+            "WHERE m.valid_from > g.imported_at AND m.valid_to IS NULL"
+        ).fetchall()[0][0]
     finally:
         conn.close()
     assert names == [
@@ -65,8 +77,55 @@ def test_demo_imports_sandbox_groups_and_prints_queries(tmp_path: Path) -> None:
     assert burst == [(1,)]
     assert hr_reads[0][0] >= 1
     assert "sandbox-not-a-secret" not in (data / "demo-connections.yaml").read_text()
-    # The runs are real runs, kept in the demo's Dagster instance.
-    assert (data / "dagster" / "history" / "runs.db").exists()
+
+    # One duration per import: the request's, in the demo's line, its email and its table.
+    printed = dict(re.findall(r"Imported '([^']+)': .* in (\d+\.\d) s", result.output))
+    assert printed == {group: f"{seconds:.1f}" for group, seconds in durations.items()}
+    assert f"Duration:               {printed['HR']} s" in result.output
+    # Plurals agree with their numbers; an open interval is said in words, not NaT.
+    assert not re.search(
+        r"\b1 (pages|members|requests|emails|groups|activities|tags|alerts|rows)\b",
+        result.output,
+    )
+    assert "NaT" not in result.output and "nan" not in result.output.split()
+    assert open_joins and "(member now)" in result.output
+
+    # The analysts' data is read with `groupsync sql`, which pip installs (no duckdb CLI).
+    assert "duckdb -readonly" not in result.output
+    # Next steps: exact commands that work on what the demo stored.
+    steps = result.output[result.output.index("Next steps") :]
+    assert f"export GROUPSYNC_DATA_DIR={data}" in steps
+    assert "export DAGSTER_HOME=$(groupsync dagster-home) && dg dev" in steps
+    commands = [
+        shlex.split(line.strip())
+        for line in steps.splitlines()
+        if line.strip().startswith("groupsync ")
+    ]
+    assert [c[:2] for c in commands] == [
+        ["groupsync", "activities"],
+        ["groupsync", "alerts"],
+        ["groupsync", "sql"],
+        ["groupsync", "sql"],
+    ]
+    assert commands[0] == ["groupsync", "activities", "--group", "HR", "--since", "1h"]
+    monkeypatch.setenv("GROUPSYNC_DATA_DIR", str(data))
+    outputs = []
+    for command in commands:
+        ran = CliRunner().invoke(main, command[1:], input="")
+        assert ran.exit_code == 0, (command, ran.output)
+        outputs.append(ran.stdout)
+    assert "Salary bands 2026.xlsx" in outputs[0]
+    assert "Executive file activity volume" in outputs[1]
+
+    # The emails' run links point into the Dagster home the UI command opens.
+    home = CliRunner().invoke(main, ["dagster-home"]).stdout.strip()
+    assert Path(home) == data / "dagster"
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", result.output).group(1)  # type: ignore[union-attr]
+    with dg.DagsterInstance.from_config(home) as instance:
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.job_name == "import_user_group"
+        # The instance uses groupsync's settings (the writer pool) like `dg dev` would.
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
 
 
 def test_connections_command_lists_and_validates(
