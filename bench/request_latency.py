@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -36,10 +35,8 @@ def free_port() -> int:
 
 
 def dev_command(port: int) -> list[str]:
-    """The README's command for the Dagster UI and daemon."""
-    dagster = Path(sys.executable).with_name("dagster")
-    return [str(dagster), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-            "-p", str(port)]  # fmt: skip
+    """The README's command for the Dagster UI and daemon (`dg dev`, in the repository)."""
+    return [str(Path(sys.executable).with_name("dg")), "dev", "-h", "127.0.0.1", "-p", str(port)]
 
 
 def start_dagster(home: Path, data: Path, port: int) -> subprocess.Popen[str]:
@@ -77,14 +74,15 @@ def stop_dagster(server: subprocess.Popen[str]) -> None:
 
 
 def measure(requests: int, workdir: Path) -> list[float]:
+    from groupsync_pipeline.dagster_home import prepare_dagster_home
     from groupsync_pipeline.import_requests import follow_requests, request_imports
     from groupsync_pipeline.storage.warehouse import Warehouse
 
-    home, data = workdir / "dagster-home", workdir / "data"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    data = workdir / "data"
     os.environ.pop("GROUPSYNC_CONNECTIONS", None)
+    os.environ.pop("DAGSTER_HOME", None)
     os.environ["GROUPSYNC_DATA_DIR"] = str(data)
+    home = prepare_dagster_home(data)  # as `export DAGSTER_HOME=$(groupsync dagster-home)`
     warehouse = Warehouse(data)
     server = start_dagster(home, data, free_port())
     latencies: list[float] = []

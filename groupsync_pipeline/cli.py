@@ -149,7 +149,7 @@ def _follow(ids: list[int], warehouse: Any, timeout: float) -> None:
         click.echo(
             f"gave up waiting after {timeout:.0f} s for request(s) "
             f"{', '.join(map(str, outcome.unfinished))}; they go on (is Dagster's daemon "
-            "running? `dg dev` or `dagster-daemon run` starts it)",
+            "running? `export DAGSTER_HOME=$(groupsync dagster-home); dg dev` starts it)",
             err=True,
         )
         sys.exit(2)
