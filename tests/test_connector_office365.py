@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -26,9 +25,9 @@ from groupsync_pipeline.connectors.office365 import (
 )
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 
-from .conftest import make_connector
+from .conftest import VENDOR_EXAMPLES, make_connector
 
-API_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "api-reference" / "graph"
+API_REFERENCE = VENDOR_EXAMPLES / "graph"
 HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
 
 
@@ -238,9 +237,6 @@ def test_scopes_for_national_clouds_and_proxies() -> None:
     assert graph_scope("https://127.0.0.1:8443/v1.0") == "https://graph.microsoft.com/.default"
 
 
-@pytest.mark.skipif(
-    not API_REFERENCE.is_dir(), reason="shared/api-reference is not beside the repo"
-)
 def test_vendor_examples_parse() -> None:
     groups = json.loads((API_REFERENCE / "groups_list.json").read_text())
     golf, talk = groups["example1_GET_/v1.0/groups"]["value"]

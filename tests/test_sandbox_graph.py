@@ -6,7 +6,6 @@ import json
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,14 +16,13 @@ import pytest
 from groupsync_pipeline.sandbox.graph import DEFAULT_PERMISSIONS, GRAPH_SCOPE, GraphSandbox
 from groupsync_pipeline.sandbox.seed import HOSTILE_GROUP_NAME, build_organisation
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "api-reference" / "graph"
+from .conftest import VENDOR_EXAMPLES
+
+REFERENCE = VENDOR_EXAMPLES / "graph"
 
 
 def reference(name: str) -> dict[str, Any]:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"vendor reference examples not present beside the repo: {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads((REFERENCE / name).read_text(encoding="utf-8"))
 
 
 def key_shape(value: Any) -> Any:
