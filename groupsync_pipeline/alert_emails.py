@@ -105,12 +105,15 @@ def send_pending_alert_emails(
     now: dt.datetime,
     *,
     max_age: dt.timedelta = DEFAULT_MAX_AGE,
+    deadline: float | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> AlertEmailRound:
     """Email each notifying policy's pending alerts; set ``notified_at`` on what was sent.
 
     An SMTP failure is reported in the round (status ``failed``), never raised: the alerts stay
-    pending for the next call. Runs in the caller's transaction.
+    pending for the next call. Runs in the caller's transaction, which holds the warehouse: each
+    delivery is bounded in total (``send_message``'s default), and ``deadline`` (a
+    ``time.monotonic()`` value) bounds them all.
     """
     result = AlertEmailRound()
     since = now - max_age
@@ -128,7 +131,7 @@ def send_pending_alert_emails(
             continue
         try:
             message = alert_email_message(policy, alerts, settings.sender, now)
-            send_message(settings, message, environ)
+            send_message(settings, message, environ, deadline=deadline)
         except (EmailDeliveryError, ConfigError) as exc:
             outcome.status = "failed"
             outcome.reason = str(exc)

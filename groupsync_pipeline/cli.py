@@ -2,17 +2,122 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import re
+import signal
+import sqlite3
 import sys
 import time
+import traceback
+from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
 
 from groupsync_pipeline.config import DEFAULT_DATA_DIR, ConfigError, load_connections
+from groupsync_pipeline.safe_text import for_terminal
 
 
-@click.group()
+class StorageFailure(click.ClickException):
+    """A file the command needs cannot be read or written: one line, no traceback."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+# SQLite's words for a file it cannot use (its exceptions carry no path).
+_SQLITE_STORAGE = re.compile(
+    r"disk is full|disk I/O error|unable to open database file|readonly database|"
+    r"database disk image is malformed|file is not a database"
+)
+_DUCKDB_FILE = re.compile(
+    r'^(?:IO Error: )?(?P<what>[^"]*)"(?P<path>[^"]+)"(?::\s*(?P<cause>.*))?$'
+)
+
+
+_STREAMS = {1: "standard output", 2: "standard error"}
+
+
+def _failed_stream(exc: BaseException) -> str | None:
+    """'standard output' when writing the output failed (e.g. redirected to a full disk)."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        for value in frame.f_locals.values():
+            if not isinstance(value, io.IOBase):
+                continue
+            try:
+                fd = value.fileno()
+            except (OSError, ValueError):
+                continue
+            if fd in _STREAMS:
+                with contextlib.suppress(OSError):
+                    # What is still buffered goes nowhere: exiting must not fail again.
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+                return _STREAMS[fd]
+    return None
+
+
+def _sqlite_path(exc: BaseException) -> str:
+    control = sys.modules.get("groupsync_pipeline.storage.control")
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if control is not None and isinstance(owner, control.ControlStore):
+            return str(owner.path)
+    return "the control store"
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """``<path>: <cause>`` for a file system or database file failure, else None."""
+    if type(exc).__module__.startswith("pandas"):
+        # pandas' DatabaseError (an OSError subclass) wraps the control store's SQLite error.
+        cause = exc.__cause__
+        return f"{_sqlite_path(exc)}: {cause}" if isinstance(cause, sqlite3.Error) else None
+    if isinstance(exc, OSError) and exc.errno != errno.EPIPE:  # click handles a closed pipe
+        where = exc.filename if exc.filename is not None else _failed_stream(exc)
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        return f"{where}: {cause}" if where is not None else cause
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is not None and isinstance(exc, duckdb.IOException):
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        match = _DUCKDB_FILE.match(first)
+        if match is None:
+            return first
+        what = match["what"].strip().rstrip(":").lower()
+        return f"{match['path']}: {match['cause'] or what}" + (
+            f" ({what})" if match["cause"] and what else ""
+        )
+    if isinstance(exc, sqlite3.OperationalError) and _SQLITE_STORAGE.search(str(exc)):
+        return f"{_sqlite_path(exc)}: {exc}"
+    return None
+
+
+class _Main(click.Group):
+    """Every error is one message for people: names in it neutralized, no traceback for a
+    full disk, a read-only or missing directory, or a file in the way."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            # Messages quote names from outside (groups, files, servers' answers).
+            exc.message = for_terminal(exc.message, keep_newlines=True)
+            raise
+        except Exception as exc:
+            message = storage_failure(exc)
+            if message is None:
+                raise
+            raise StorageFailure(for_terminal(message)) from None
+
+
+@click.group(cls=_Main)
 def main() -> None:
     """groupsync: import user groups from connected apps into DuckDB, through Dagster."""
 
@@ -45,7 +150,8 @@ def connections_command() -> None:
         raise click.ClickException(str(exc)) from None
     for connection in connections:
         where = "embedded sandbox" if connection.sandbox else connection.graph_url
-        click.echo(f"{connection.name}\t{connection.app}\t{where}")
+        cells = (connection.name, connection.app, where)
+        click.echo("\t".join(for_terminal(cell) for cell in cells))
 
 
 @main.command()
@@ -55,15 +161,32 @@ def sandbox(port: int) -> None:
     from groupsync_pipeline.demo import sandbox_connections_yaml
     from groupsync_pipeline.sandbox.graph import GraphSandbox
 
+    class Stop(Exception):
+        pass
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Stop
+
+    # A service manager stops it with SIGTERM (a closed terminal sends SIGHUP): leave the
+    # `with` as Ctrl-C does, so the temporary folder with the TLS private key is removed.
+    stopping = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    # A stop that arrives while the tenant starts is taken once it has started, not halfway.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     with GraphSandbox(port=port) as tenant:
-        click.echo(sandbox_connections_yaml(tenant, "SANDBOX_CLIENT_SECRET"))
-        click.echo(f"# export SANDBOX_CLIENT_SECRET={tenant.client_secret}   (a fake secret)")
-        click.echo("# Ctrl-C to stop")
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+            click.echo(sandbox_connections_yaml(tenant, "SANDBOX_CLIENT_SECRET"))
+            click.echo(f"# export SANDBOX_CLIENT_SECRET={tenant.client_secret}   (a fake secret)")
+            click.echo("# Ctrl-C or SIGTERM to stop")
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stop):
             pass
+        finally:
+            for signum in stopping:  # a second stop must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
 
 
 def _warehouse(data_dir: Path | None) -> Any:
@@ -164,10 +287,18 @@ def _when(moment: Any) -> str:
 @main.group("requests", invoke_without_command=True)
 @click.option("--status", type=click.Choice(["pending", "running", "done", "failed", "canceled"]))
 @click.option("--limit", default=50, show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table (tab-separated, for people) or csv/json with every field (UTC ISO 8601 times).",
+)
 @_DATA_DIR_OPTION
 @click.pass_context
 def requests_command(
-    ctx: click.Context, status: str | None, limit: int, data_dir: Path | None
+    ctx: click.Context, status: str | None, limit: int, fmt: str, data_dir: Path | None
 ) -> None:
     """List import requests with their status (newest first)."""
     if ctx.invoked_subcommand is not None:
@@ -177,6 +308,9 @@ def requests_command(
 
     warehouse = _warehouse(data_dir)
     rows = ControlStore(warehouse.data_dir).recent((status,) if status else None, limit)
+    if fmt != "table":
+        click.echo(_requests_machine_output(rows, fmt), color=True)  # color: keep data exact
+        return
     if not rows:
         click.echo("no import requests")
         return
@@ -185,11 +319,33 @@ def requests_command(
         detail = r.error or (f"run {r.run_id}" if r.run_id else "")
         if r.retry_of:
             detail = f"retry of {r.retry_of}; {detail}"
-        click.echo(
-            f"{r.request_id}\t{r.status}\t{r.connection}\t{r.group_name or r.group_reference}\t"
-            f"{_when(r.requested_at)}\t{_when(r.finished_at)}\t"
-            f"{'' if r.members is None else r.members}\t{detail.splitlines()[0] if detail else ''}"
-        )
+        cells = (
+            r.request_id, r.status, r.connection, r.group_name or r.group_reference,
+            _when(r.requested_at), _when(r.finished_at), "" if r.members is None else r.members,
+            detail.splitlines()[0] if detail else "",
+        )  # fmt: skip
+        # Names and errors come from the apps: no escape, newline or tab may act.
+        click.echo("\t".join(for_terminal(str(cell)) for cell in cells))
+
+
+def _requests_machine_output(rows: list[Any], fmt: str) -> str:
+    import dataclasses
+
+    import pandas as pd
+
+    from groupsync_pipeline.investigation import to_csv, to_json
+    from groupsync_pipeline.storage.control import ImportRequest
+
+    columns = [f.name for f in dataclasses.fields(ImportRequest)]
+    records = [
+        {
+            name: pd.Timestamp(value) if isinstance(value, datetime) else value
+            for name, value in dataclasses.asdict(row).items()
+        }
+        for row in rows
+    ]
+    frame = pd.DataFrame(records, columns=columns, dtype=object)  # object: ints stay ints
+    return (to_json(frame) if fmt == "json" else to_csv(frame)).rstrip("\n")
 
 
 @requests_command.command("retry")

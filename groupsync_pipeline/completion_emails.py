@@ -78,7 +78,8 @@ def send_completion_emails(
     max_smtp_timeout: float | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> EmailRound:
-    """Queue emails for finished requests and send those due, within a time budget.
+    """Queue emails for finished requests and send those due, within a time budget: no
+    email starts after ``time_budget`` seconds, and none goes on past it.
 
     ``max_smtp_timeout`` caps the configured SMTP timeout: a sensor tick has a hard time
     limit, and a server that hangs must not make the tick overrun it.
@@ -115,7 +116,9 @@ def send_completion_emails(
             message = import_completion_message(
                 report_for(request, environ), email.recipient, settings.sender
             )
-            send_message(settings, message, environ)
+            # The round's budget bounds each delivery too: a server that dribbles its
+            # replies must not hold a sensor tick (Dagster ends ticks at 60 s).
+            send_message(settings, message, environ, deadline=started + time_budget)
         except (EmailDeliveryError, ConfigError) as exc:
             status = control.email_failed(email.request_id, str(exc))
             if status == "failed":

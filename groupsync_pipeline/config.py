@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from groupsync_pipeline.safe_text import is_unsafe
+from groupsync_pipeline.yaml_located import DuplicateRecordingLoader, Located, yaml_error_text
 
 CONNECTIONS_ENV = "GROUPSYNC_CONNECTIONS"
 DATA_DIR_ENV = "GROUPSYNC_DATA_DIR"
@@ -91,9 +95,15 @@ def load_connections(path: str | os.PathLike[str] | None = None) -> list[Connect
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read connections file: {exc.strerror}") from None
     try:
-        document = yaml.safe_load(text)
+        # A SafeLoader that also reports repeated keys (plain PyYAML keeps the last silently).
+        document = yaml.load(text, Loader=DuplicateRecordingLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: {yaml_error_text(exc)}") from None
+    if isinstance(document, Located) and document.duplicates:
+        key, first, repeat = document.duplicates[0]
+        raise ConfigError(
+            f"{source}: line {repeat}: key {key!r} given twice (first on line {first})"
+        )
     if not isinstance(document, dict) or set(document) != {"connections"}:
         raise ConfigError(f"{source}: expected a mapping with one key 'connections'")
     entries = document["connections"]
@@ -123,6 +133,9 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
     def fail(field_name: str, problem: str) -> ConfigError:
         return ConfigError(f"{source}: {label}: field '{field_name}': {problem}")
 
+    if isinstance(entry, Located) and entry.duplicates:
+        key, first, repeat = entry.duplicates[0]
+        raise fail(str(key), f"given twice (lines {first} and {repeat})")
     for key in entry:
         if key not in _REQUIRED + _OPTIONAL:
             raise fail(str(key), f"unknown field (allowed: {', '.join(_REQUIRED + _OPTIONAL)})")
@@ -132,6 +145,9 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
                 raise fail(key, "must be true or false")
         elif not isinstance(value, str) or not value.strip():
             raise fail(key, "must be a non-empty string")
+        elif any(is_unsafe(char) for char in value):
+            # No id, URL, variable name or path holds one; shown later, it would act.
+            raise fail(key, "contains a control or invisible character")
     if "name" not in entry:
         raise fail("name", "missing")
     if not _NAME.match(entry["name"]):
@@ -166,9 +182,21 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
             raise fail(
                 key, "use the id as shown in the app registration (letters, digits, '-', '.')"
             )
+    graph_url = entry.get("graph_url", PUBLIC_GRAPH_URL)
+    management_url = entry.get("management_url", PUBLIC_MANAGEMENT_URL)
+    if _is_graph_root(management_url, graph_url):
+        # The connector would refuse it at run time: each API's token goes only to its own
+        # address, and these two would overlap.
+        raise fail(
+            "management_url" if "management_url" in entry else "graph_url",
+            f"{management_url} is the Graph root of graph_url {graph_url}; the Office 365 "
+            f"Management Activity API has its own address (public cloud: {PUBLIC_MANAGEMENT_URL})",
+        )
     ca_bundle = entry.get("ca_bundle")
-    if ca_bundle is not None and not Path(ca_bundle).is_file():
-        raise fail("ca_bundle", f"file not found: {ca_bundle}")
+    if ca_bundle is not None:
+        problem = _ca_bundle_problem(ca_bundle)
+        if problem:
+            raise fail("ca_bundle", problem)
     secret_env = entry["client_secret_env"]
     if not os.environ.get(secret_env):
         raise fail("client_secret_env", f"environment variable {secret_env} is not set")
@@ -184,6 +212,33 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
         ca_bundle=ca_bundle,
         source=source,
     )
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or 443
+
+
+def _is_graph_root(management_url: str, graph_url: str) -> bool:
+    """True when the Management API address is Graph's host root, or graph_url itself."""
+    if _origin(management_url) != _origin(graph_url):
+        return False
+    path = urlsplit(management_url).path.rstrip("/")
+    return path in ("", urlsplit(graph_url).path.rstrip("/"))
+
+
+def _ca_bundle_problem(ca_bundle: str) -> str | None:
+    """Why ``ca_bundle`` cannot serve as the trust anchor of every HTTPS call, or None."""
+    if not Path(ca_bundle).is_file():
+        return f"file not found: {ca_bundle}"
+    try:
+        # Exactly what the connector does with it, so a bad file fails here, not in a run.
+        ssl.create_default_context(cafile=ca_bundle)
+    except ssl.SSLError:
+        return f"not a PEM certificate (or bundle of them): {ca_bundle}"
+    except OSError as exc:
+        return f"cannot read {ca_bundle}: {exc.strerror or exc}"
+    return None
 
 
 def env_number(

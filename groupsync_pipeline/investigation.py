@@ -10,6 +10,8 @@ from fixed fragments chosen by which filters are set.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -25,6 +27,7 @@ import pandas as pd
 
 from groupsync_pipeline.analyst_data import AnalystDataError, open_analyst_data
 from groupsync_pipeline.connectors.base import close_matches
+from groupsync_pipeline.safe_text import csv_formula_safe, for_terminal, json_for_terminal
 
 FORMATS = ("table", "csv", "json")
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -374,24 +377,41 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def to_json(frame: pd.DataFrame) -> str:
-    return json.dumps(to_records(frame), ensure_ascii=False, indent=2)
+    # Exact values; characters that could drive a terminal are written as \uXXXX escapes.
+    return json_for_terminal(json.dumps(to_records(frame), ensure_ascii=False, indent=2))
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, list):
+        # A list in one cell as JSON text: unambiguous even when a group name holds a comma.
+        return json.dumps([_plain(item) for item in value], ensure_ascii=False)
+    if isinstance(value, dict):
+        return json.dumps({k: _plain(v) for k, v in value.items()}, ensure_ascii=False)
+    if _is_missing(value):
+        return ""
+    if isinstance(value, pd.Timestamp):
+        return _iso(value)
+    if isinstance(value, str):
+        return csv_formula_safe(value)  # the only change to the data: OWASP's rule
+    return value
 
 
 def to_csv(frame: pd.DataFrame) -> str:
-    out = frame.copy()
-    for column in out.columns:
-        if pd.api.types.is_datetime64_any_dtype(out[column]):
-            out[column] = out[column].map(lambda v: "" if _is_missing(v) else _iso(v))
-    # A list in one cell as JSON text: unambiguous even when a group name holds a comma.
-    for column in out.columns:
-        if out[column].map(lambda value: isinstance(value, list | dict)).any():
-            out[column] = out[column].map(
-                lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v
-            )
-    return out.to_csv(index=False)
+    """RFC 4180 CSV with "\n" line ends; cells exact except OWASP's formula rule."""
+    buffer = io.StringIO()
+    # With "\r\n" as its line end the writer quotes every cell holding a carriage return;
+    # with "\n" it would write a bare \r that readers take for the end of a row.
+    writer = csv.writer(buffer, lineterminator="\r\n")
 
+    def line(values: list[Any]) -> str:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(values)
+        return buffer.getvalue()[:-2]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+    lines = [line(list(frame.columns))]
+    lines += [line([_csv_value(v) for v in row]) for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(column: str, value: Any) -> str:
@@ -405,9 +425,9 @@ def _cell(column: str, value: Any) -> str:
         text = "yes" if value else "no"
     else:
         text = str(value)
-    # Data comes from outside (file names, user agents): escape codes or newlines in it
-    # must not drive the investigator's terminal or break the columns.
-    text = _CONTROL.sub("?", text)
+    # Data comes from outside (file names, user agents): escape codes, bidi overrides or
+    # newlines in it must not drive the investigator's terminal or break the columns.
+    text = for_terminal(text)
     if column in ("object_name", "summary") and len(text) > TABLE_CELL_WIDTH:
         text = text[: TABLE_CELL_WIDTH - 1] + "…"
     return text
@@ -463,7 +483,7 @@ def import_hints(conn: duckdb.DuckDBPyConnection, flt: ActivityFilter, found: Fo
         {"group_ids": resolve_groups(conn, flt.groups), "since": flt.since},
     ).fetchall()
     return [
-        f"{_CONTROL.sub('?', name)} was {'created' if kind == 'automatic' else 'imported'} at "
+        f"{for_terminal(name)} was {'created' if kind == 'automatic' else 'imported'} at "
         f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC; activities are tagged with it only from "
         "then on"
         for name, kind, at in rows

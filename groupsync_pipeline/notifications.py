@@ -12,7 +12,10 @@ import datetime as dt
 import os
 import re
 import smtplib
+import socket
 import ssl
+import threading
+import time
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -291,10 +294,112 @@ def _tls_context(settings: SmtpSettings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=settings.ca_bundle)
 
 
+# A delivery as a whole (connect, TLS, login, every reply) ends after this many step timeouts
+# unless the caller gives an earlier deadline: a server that sends a continuation line every
+# few seconds resets each step's timeout and would otherwise hold the sender for ever.
+DELIVERY_STEPS = 4
+
+
+class _Deadline:
+    """Shuts the delivery's socket down when its total time is up, wherever smtplib waits.
+
+    The socket is named by its file descriptor, which stays the same when STARTTLS wraps it.
+    Shutting it down and closing it are serialized, so a descriptor that is already closed
+    (and maybe reused) is never touched.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.expired = False
+        self._fd: int | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._fd = sock.fileno()
+            if self.expired:
+                self._shutdown()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.expired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._fd is None:
+            return
+        handle = socket.socket(fileno=self._fd)
+        try:
+            handle.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+        except OSError:
+            pass
+        finally:
+            handle.detach()  # the descriptor stays smtplib's to close
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._timer.cancel()
+
+
+class _WatchedSMTP(smtplib.SMTP):
+    def __init__(self, deadline: _Deadline, timeout: float) -> None:
+        self._deadline = deadline
+        super().__init__(timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = super()._get_socket(host, port, max(0.001, min(timeout, self._deadline.remaining())))
+        self._deadline.watch(sock)
+        return sock
+
+    def close(self) -> None:
+        self._deadline.close()
+        super().close()
+
+
+class _WatchedSMTPSSL(smtplib.SMTP_SSL):
+    def __init__(self, deadline: _Deadline, timeout: float, context: ssl.SSLContext) -> None:
+        self._deadline = deadline
+        super().__init__(timeout=timeout, context=context)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        # As SMTP_SSL does, but watched before the TLS handshake, which can be dribbled too.
+        wait = max(0.001, min(timeout, self._deadline.remaining()))
+        raw = socket.create_connection((host, port), wait, self.source_address)
+        self._deadline.watch(raw)
+        try:
+            return self.context.wrap_socket(raw, server_hostname=self._host)
+        except BaseException:
+            self._deadline.close()
+            raw.close()
+            raise
+
+    def close(self) -> None:
+        self._deadline.close()
+        super().close()
+
+
 def send_message(
-    settings: SmtpSettings, message: EmailMessage, environ: Mapping[str, str] = os.environ
+    settings: SmtpSettings,
+    message: EmailMessage,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    deadline: float | None = None,
 ) -> None:
-    """Hand ``message`` to the SMTP server once; raise EmailDeliveryError on any failure."""
+    """Hand ``message`` to the SMTP server once; raise EmailDeliveryError on any failure.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the whole delivery; by default it is
+    ``DELIVERY_STEPS`` step timeouts from now.
+    """
     where = settings.where
     password: str | None = None
     if settings.username:
@@ -304,19 +409,26 @@ def send_message(
                 f"cannot log in to SMTP server {where}: environment variable "
                 f"{settings.password_env} (named by {PASSWORD_ENV_ENV}) is not set"
             )
+    own_limit = time.monotonic() + DELIVERY_STEPS * settings.timeout
+    limit = own_limit if deadline is None else min(deadline, own_limit)
+    total = max(0.0, limit - time.monotonic())
+    if total <= 0:
+        raise EmailDeliveryError(f"not sent to SMTP server {where}: no time was left to send")
 
     step = "connect to"
+    watchdog = _Deadline(limit)
     try:
         context = _tls_context(settings) if settings.security != "none" else None
         client: smtplib.SMTP
         if settings.security == "tls":
+            assert context is not None
             step = "connect with TLS to"
-            client = smtplib.SMTP_SSL(
-                settings.host, settings.port, timeout=settings.timeout, context=context
-            )
+            client = _WatchedSMTPSSL(watchdog, settings.timeout, context)
         else:
-            client = smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
+            client = _WatchedSMTP(watchdog, settings.timeout)
+        client._host = settings.host  # smtplib sets it only when the constructor connects
         try:
+            client.connect(settings.host, settings.port)
             if settings.security == "starttls":
                 step = "start TLS with"
                 client.starttls(context=context)
@@ -326,10 +438,24 @@ def send_message(
             step = "send the message via"
             refused = client.send_message(message, from_addr=settings.sender)
         finally:
-            _quit_quietly(client)
+            if watchdog.expired:
+                client.close()  # no QUIT: the server has had all the time it gets
+            else:
+                _quit_quietly(client)
     except (smtplib.SMTPException, OSError, ValueError) as exc:
         # OSError covers refused connections, timeouts and ssl.SSLError (its subclass).
-        text = f"cannot {step} SMTP server {where}: {_describe(exc)}"
+        if watchdog.expired:
+            detail = (
+                f"the delivery did not finish within {round(total, 1):g} s "
+                "(the server kept it waiting)"
+            )
+        elif step == "log in to":
+            # What a server says during AUTH can echo the exchange (base64 of the password):
+            # only the reply's codes are kept, never its text.
+            detail = _describe_login_failure(exc)
+        else:
+            detail = _describe(exc)
+        text = f"cannot {step} SMTP server {where}: {detail}"
         if text.endswith("timed out"):
             text += f" after {settings.timeout:g} s"
         if isinstance(exc, ssl.SSLCertVerificationError):
@@ -338,11 +464,31 @@ def send_message(
         if password:
             text = text.replace(password, "***")
         raise EmailDeliveryError(text) from None
+    finally:
+        watchdog.close()
     if refused:
         raise EmailDeliveryError(
             f"SMTP server {where} refused recipient(s): "
             + ", ".join(f"{addr} ({_describe_reply(*reply)})" for addr, reply in refused.items())
         )
+
+
+_ENHANCED_CODE = re.compile(rb"^\s*([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
+
+
+def _describe_login_failure(exc: BaseException) -> str:
+    """The failed login in the server's codes only (its text may echo the credentials)."""
+    if isinstance(exc, smtplib.SMTPResponseException):
+        reply = exc.smtp_error if isinstance(exc.smtp_error, bytes) else exc.smtp_error.encode()
+        enhanced = _ENHANCED_CODE.match(reply)
+        code = f"{exc.smtp_code} {enhanced.group(1).decode()}" if enhanced else str(exc.smtp_code)
+        what = "authentication failed" if exc.smtp_code == 535 else "refused"
+        return f"{what} ({code})"
+    if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+        return "timed out"
+    if isinstance(exc, smtplib.SMTPException):
+        return _one_line(str(exc), 300)  # smtplib's own words, e.g. "no suitable mechanism"
+    return type(exc).__name__
 
 
 def _quit_quietly(client: smtplib.SMTP) -> None:

@@ -78,6 +78,7 @@ import pandas as pd
 import yaml
 
 from groupsync_pipeline.config import ConfigError, check_email_address
+from groupsync_pipeline.yaml_located import Located, LocatedLoader, yaml_error_text
 
 POLICIES_ENV = "GROUPSYNC_POLICIES"
 EXAMPLE_POLICIES = "example_policies.yaml"
@@ -188,51 +189,12 @@ def load_policies(
     return parse_policies(text, str(path))
 
 
-class _Located(dict[Any, Any]):
-    """A YAML mapping that remembers the line of itself and of each key, for error messages."""
-
-    line: int = 0
-    lines: dict[Any, int]
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Located:
-    loader.flatten_mapping(node)
-    result = _Located()
-    result.line = node.start_mark.line + 1
-    result.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in result
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value", key_node.start_mark
-            ) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.lines[key] = key_node.start_mark.line + 1
-    return result
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def parse_policies(text: str, source: str = "(policies)") -> list[Policy]:
     """Validate a policy document; PolicyError says where and what is wrong."""
     try:
-        document = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+        document = yaml.load(text, Loader=LocatedLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"{source}: {where}not valid YAML: {problem}") from None
+        raise PolicyError(f"{source}: {yaml_error_text(exc)}") from None
     if document is None:
         raise PolicyError(f"{source}: the file is empty (expected 'policies:' with a list)")
     if not isinstance(document, dict):
@@ -268,8 +230,8 @@ def _did_you_mean(key: object, choices: Sequence[str] = ("policies",)) -> str:
 
 
 def _where(entry: object, key: str | None = None) -> str:
-    """'line N: ' of ``key`` in a mapping read by _Loader (else of the mapping), or ''."""
-    if not isinstance(entry, _Located):
+    """'line N: ' of ``key`` in a mapping read by LocatedLoader (else of the mapping), or ''."""
+    if not isinstance(entry, Located):
         return ""
     return f"line {entry.lines.get(key, entry.line)}: "
 

@@ -12,7 +12,18 @@ from groupsync_pipeline.config import Connection, load_connections
 from groupsync_pipeline.connectors.office365 import GraphConnector
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 
+# Hooks that make any skip fail the run under GROUPSYNC_FAIL_ON_SKIP=1 (CI).
+from .skip_guard import (  # noqa: F401
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
 SECRET_ENV = "GROUPSYNC_TEST_CLIENT_SECRET"
+# Vendors' documented examples, copied into the repository (each keeps its `_source`): the
+# contract tests read them here, never from outside the repository.
+VENDOR_EXAMPLES = Path(__file__).resolve().parent / "data" / "vendor"
 
 
 @pytest.fixture(scope="session")

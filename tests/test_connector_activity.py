@@ -1,7 +1,7 @@
 """Audit logs, administrators and domains of the Office 365 connector.
 
-Unit tests of the normalizers on the vendors' documented examples (copied here; the reference
-files are also checked when shared/api-reference is beside the repo), then the connector over
+Unit tests of the normalizers on the vendors' documented examples (copied here, and checked
+against the vendor files in tests/data/vendor/graph), then the connector over
 real HTTPS: against a contract-only fake on two hosts (token isolation), and against the
 sandbox tenant's Graph auditLogs/directoryRoles and Management Activity API.
 """
@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_plus
 
@@ -42,12 +41,12 @@ from groupsync_pipeline.connectors.office365_activity import (
 )
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 
-from .conftest import make_connector
+from .conftest import VENDOR_EXAMPLES, make_connector
 
-API_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "api-reference" / "graph"
+API_REFERENCE = VENDOR_EXAMPLES / "graph"
 HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
 
-# --- vendor examples (copied from shared/api-reference/graph/auditlogs.json) ---------------
+# --- vendor examples (copied from tests/data/vendor/graph/auditlogs.json) -------------------
 
 SIGN_IN = {
     "id": "66ea54eb-6301-4ee5-be62-ff5a759b0100",
@@ -469,9 +468,6 @@ def test_management_scopes_and_times() -> None:
     assert management_time(moment) == "2026-11-27T06:00:00"
 
 
-@pytest.mark.skipif(
-    not API_REFERENCE.is_dir(), reason="shared/api-reference is not beside the repo"
-)
 def test_reference_examples_match_the_copies() -> None:
     logs = json.loads((API_REFERENCE / "auditlogs.json").read_text())
     (sign_in,) = logs["GET_/v1.0/auditLogs/signIns"]["value"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -29,10 +28,9 @@ from groupsync_pipeline.connectors.base import (
 from groupsync_pipeline.connectors.office365 import DELTA_SELECT, GraphConnector
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 
-from .conftest import make_connector
+from .conftest import VENDOR_EXAMPLES, make_connector
 
-# Copied from shared/api-reference/graph (each file names its source): tests read no further.
-API_REFERENCE = Path(__file__).with_name("data") / "vendor" / "graph"
+API_REFERENCE = VENDOR_EXAMPLES / "graph"
 VENDOR = json.loads((API_REFERENCE / "groups_delta.json").read_text())
 SEQUENCE: dict[str, dict[str, Any]] = VENDOR["sequence"]
 PAGE_1 = SEQUENCE["1_GET /v1.0/groups/delta?$select=displayName,description&$expand=members"]

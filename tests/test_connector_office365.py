@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -26,10 +25,9 @@ from groupsync_pipeline.connectors.office365 import (
 )
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 
-from .conftest import make_connector
+from .conftest import VENDOR_EXAMPLES, make_connector
 
-# Copied from shared/api-reference/graph (each file names its source): tests read no further.
-API_REFERENCE = Path(__file__).with_name("data") / "vendor" / "graph"
+API_REFERENCE = VENDOR_EXAMPLES / "graph"
 HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
 
 

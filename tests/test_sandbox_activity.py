@@ -10,7 +10,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,7 +29,9 @@ from groupsync_pipeline.sandbox.graph import (
 )
 from groupsync_pipeline.sandbox.seed import GLOBAL_ADMIN_TEMPLATE, DirectoryRole
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "api-reference" / "graph"
+from .conftest import VENDOR_EXAMPLES
+
+REFERENCE = VENDOR_EXAMPLES / "graph"
 # A Wednesday noon (UTC): work hours, so every kind of event is about.
 NOON = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC).timestamp()
 GRAPH_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z$")
@@ -48,10 +49,7 @@ class Clock:
 
 
 def reference(name: str) -> dict[str, Any]:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"vendor reference examples not present beside the repo: {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads((REFERENCE / name).read_text(encoding="utf-8"))
 
 
 def iso(moment: float) -> str:

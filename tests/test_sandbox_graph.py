@@ -6,7 +6,6 @@ import json
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,8 +16,9 @@ import pytest
 from groupsync_pipeline.sandbox.graph import DEFAULT_PERMISSIONS, GRAPH_SCOPE, GraphSandbox
 from groupsync_pipeline.sandbox.seed import HOSTILE_GROUP_NAME, build_organisation
 
-# Copied from shared/api-reference/graph (each file names its source): tests read no further.
-REFERENCE = Path(__file__).with_name("data") / "vendor" / "graph"
+from .conftest import VENDOR_EXAMPLES
+
+REFERENCE = VENDOR_EXAMPLES / "graph"
 
 
 def reference(name: str) -> dict[str, Any]:

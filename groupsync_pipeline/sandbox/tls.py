@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -70,12 +71,13 @@ def make_self_signed(dir: Path) -> tuple[Path, Path]:  # noqa: A002 - name fixed
     cert_path = dir / CERT_FILENAME
     key_path = dir / KEY_FILENAME
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
-    key_path.chmod(0o600)
+    # Owner-only from its creation: a chmod after writing leaves a moment when others can read.
+    key_path.unlink(missing_ok=True)
+    with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(pem)
     return cert_path, key_path
