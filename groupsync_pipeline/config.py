@@ -54,6 +54,8 @@ class Connection:
     graph_url: str = PUBLIC_GRAPH_URL
     # Office 365 Management Activity API root (file and mailbox audit events).
     management_url: str = PUBLIC_MANAGEMENT_URL
+    # PublisherIdentifier on Management API requests (its throttling quota); None: tenant_id.
+    publisher_identifier: str | None = None
     ca_bundle: str | None = None
     # True: the embedded sandbox tenant is started for each use; URLs and secret come from it.
     sandbox: bool = False
@@ -75,7 +77,14 @@ class Connection:
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _REQUIRED = ("name", "app", "tenant_id", "client_id", "client_secret_env")
-_OPTIONAL = ("authority_host", "graph_url", "management_url", "ca_bundle", "sandbox")
+_OPTIONAL = (
+    "authority_host",
+    "graph_url",
+    "management_url",
+    "publisher_identifier",
+    "ca_bundle",
+    "sandbox",
+)
 _SANDBOX_ALLOWED = ("name", "app", "sandbox")
 
 
@@ -176,9 +185,9 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
             url = urlsplit(entry[key])
             if url.scheme != "https" or not url.hostname or url.query or url.fragment:
                 raise fail(key, "must be an https:// URL with a host (no query)")
-    for key in ("tenant_id", "client_id"):
-        # Both go into URLs and form fields: refuse anything that could change their meaning.
-        if not _IDENTIFIER.match(entry[key]):
+    for key in ("tenant_id", "client_id", "publisher_identifier"):
+        # They go into URLs and form fields: refuse anything that could change their meaning.
+        if key in entry and not _IDENTIFIER.match(entry[key]):
             raise fail(
                 key, "use the id as shown in the app registration (letters, digits, '-', '.')"
             )
@@ -209,6 +218,7 @@ def _parse_connection(source: str, index: int, entry: Any) -> Connection:
         authority_host=entry.get("authority_host", PUBLIC_AUTHORITY_HOST).rstrip("/"),
         graph_url=entry.get("graph_url", PUBLIC_GRAPH_URL).rstrip("/"),
         management_url=entry.get("management_url", PUBLIC_MANAGEMENT_URL).rstrip("/"),
+        publisher_identifier=entry.get("publisher_identifier"),
         ca_bundle=ca_bundle,
         source=source,
     )

@@ -49,7 +49,7 @@ def open_connector(
         on_page=on_page,
         log=log,
         # Optional connection field; older configurations do not have it.
-        publisher_identifier=getattr(connection, "publisher_identifier", None),
+        publisher_identifier=connection.publisher_identifier,
     ) as connector:
         yield connector
 

@@ -85,3 +85,23 @@ def test_the_activity_pipeline_sends_it(
     stored = query(data, "SELECT event_id FROM activities WHERE source = 'Audit.SharePoint'")
     assert sorted(row[0] for row in stored) == sorted(injected)
     assert {p for _, p in tenant.management.publisher_identifiers} == {tenant.tenant_id}
+
+
+def test_publisher_identifier_is_read_from_the_connections_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from groupsync_pipeline.config import ConfigError, load_connections
+
+    monkeypatch.setenv("SECRET_FOR_PUBLISHER_TEST", "s")
+    entry = (
+        "connections:\n  - name: c\n    app: office365\n    tenant_id: t-1\n"
+        "    client_id: c-1\n    client_secret_env: SECRET_FOR_PUBLISHER_TEST\n"
+    )
+    path = tmp_path / "connections.yaml"
+    path.write_text(entry)
+    assert load_connections(path)[0].publisher_identifier is None
+    path.write_text(entry + "    publisher_identifier: 46b472a7-0000-4000-8000-000000000001\n")
+    assert load_connections(path)[0].publisher_identifier == "46b472a7-0000-4000-8000-000000000001"
+    path.write_text(entry + "    publisher_identifier: 'x&PublisherIdentifier=y'\n")
+    with pytest.raises(ConfigError, match="connection 'c': field 'publisher_identifier'"):
+        load_connections(path)
