@@ -150,9 +150,9 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
 
     from groupsync_pipeline.dagster_home import open_dagster_instance
     from groupsync_pipeline.definitions import defs
-    from groupsync_pipeline.defs.assets import REQUEST_TAG
     from groupsync_pipeline.defs.resources import WarehouseResource
     from groupsync_pipeline.import_requests import RequestRefusedError, request_imports
+    from groupsync_pipeline.import_runs import REQUEST_ID_TAG
     from groupsync_pipeline.sandbox.graph import GraphSandbox
     from groupsync_pipeline.smtp_sink import SmtpSink
     from groupsync_pipeline.storage.control import ControlStore
@@ -223,7 +223,7 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
             )
             _require_success(result, f"import run {run_request.run_key}")
             # What the request recorded is what its email and the tables say: one duration.
-            request = control.get(int(run_request.tags[REQUEST_TAG]))
+            request = control.get(int(run_request.tags[REQUEST_ID_TAG]))
             assert request is not None and request.members is not None
             echo(
                 f"Imported {request.group_name!r}: {counted(request.members, 'member')} from "
