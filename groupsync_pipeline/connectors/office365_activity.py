@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from groupsync_pipeline.connectors.base import Activity
+from groupsync_pipeline.connectors.base import Account, Activity
 
 SIGN_IN_ACTION = "Sign-in"
 UNKNOWN_ACTION = "unknown"  # Activity.action is required; used when the event names none
@@ -287,6 +288,45 @@ def management_activity(event: Any, content_type: str) -> Activity | None:
         raw=raw_json(event),
         actor_type=management_actor_type(event),
     )
+
+
+# --- actors named only by sign-in name -----------------------------------------------------
+
+
+@dataclass
+class DirectoryLookup:
+    """What the directory said about sign-in names (or email addresses) that audit events
+    name their actors by, keyed by the names exactly as they were asked."""
+
+    found: dict[str, Account] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # no directory account has that name
+    failed: dict[str, str] = field(default_factory=dict)  # not answered this time: why
+
+
+def sign_in_name_filter(name: str) -> str:
+    """The Graph /users $filter for an account whose sign-in name or mail is ``name`` (Graph
+    compares both without regard to case); a quote is doubled inside the OData literal."""
+    literal = name.replace("'", "''")
+    return f"userPrincipalName eq '{literal}' or mail eq '{literal}'"
+
+
+def pick_directory_user(name: str, users: list[Any]) -> dict[str, Any] | None:
+    """Of the users a sign-in-name filter returned, the one ``name`` names: a sign-in name
+    match before a mail match (a mail can equal another account's UPN), then by id."""
+    wanted = name.casefold()
+    candidates = [
+        u for u in users if isinstance(u, dict) and isinstance(u.get("id"), str) and u["id"]
+    ]
+
+    def rank(user: dict[str, Any]) -> tuple[int, str]:
+        upn, mail = user.get("userPrincipalName"), user.get("mail")
+        if isinstance(upn, str) and upn.casefold() == wanted:
+            return 0, user["id"]
+        if isinstance(mail, str) and mail.casefold() == wanted:
+            return 1, user["id"]
+        return 2, user["id"]  # Graph matched it by its own rules of case
+
+    return min(candidates, key=rank, default=None)
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -2269,29 +2269,33 @@ _USER_FILTERS: dict[str, str] = {
 }
 
 
-def _parse_filter(text: str, allowed: dict[str, str]) -> list[tuple[str, Any]]:
-    """``prop eq literal [and ...]`` -> [(attribute, value)]; anything else is unsupported."""
-    clauses: list[tuple[str, Any]] = []
-    parts = re.split(r"\s+and\s+(?=(?:[^']*'[^']*')*[^']*$)", text.strip(), flags=re.IGNORECASE)
-    for part in parts:
-        match = _CLAUSE_RE.fullmatch(part)
-        attr = allowed.get(match.group(1)) if match else None
-        if match is None or attr is None:
-            raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
-        literal = match.group(2)
-        value: Any
-        if literal.startswith("'"):
-            value = literal[1:-1].replace("''", "'")  # OData doubles quotes inside strings
-        else:
-            value = {"true": True, "false": False, "null": None}[literal.lower()]
-        clauses.append((attr, value))
-    return clauses
+def _parse_filter(text: str, allowed: dict[str, str]) -> list[list[tuple[str, Any]]]:
+    """``prop eq literal [and ...] [or ...]`` -> alternatives, each [(attribute, value)]
+    ("and" binds tighter than "or", as in OData); anything else is unsupported."""
+    outside_quotes = r"(?=(?:[^']*'[^']*')*[^']*$)"
+    alternatives: list[list[tuple[str, Any]]] = []
+    for alternative in re.split(rf"\s+or\s+{outside_quotes}", text.strip(), flags=re.IGNORECASE):
+        clauses: list[tuple[str, Any]] = []
+        for part in re.split(rf"\s+and\s+{outside_quotes}", alternative, flags=re.IGNORECASE):
+            match = _CLAUSE_RE.fullmatch(part)
+            attr = allowed.get(match.group(1)) if match else None
+            if match is None or attr is None:
+                raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
+            literal = match.group(2)
+            value: Any
+            if literal.startswith("'"):
+                value = literal[1:-1].replace("''", "'")  # OData doubles quotes inside strings
+            else:
+                value = {"true": True, "false": False, "null": None}[literal.lower()]
+            clauses.append((attr, value))
+        alternatives.append(clauses)
+    return alternatives
 
 
 def _filter(items: list[Any], text: str, allowed: dict[str, str]) -> list[Any]:
-    clauses = _parse_filter(text, allowed)
+    alternatives = _parse_filter(text, allowed)
 
-    def keep(item: Any) -> bool:
+    def holds(item: Any, clauses: list[tuple[str, Any]]) -> bool:
         for attr, value in clauses:
             actual = getattr(item, attr)
             if isinstance(value, str) and isinstance(actual, str):
@@ -2301,7 +2305,7 @@ def _filter(items: list[Any], text: str, allowed: dict[str, str]) -> list[Any]:
                 return False
         return True
 
-    return [item for item in items if keep(item)]
+    return [item for item in items if any(holds(item, c) for c in alternatives)]
 
 
 def _order(items: list[Any], orderby: str | None, allowed: dict[str, str]) -> list[Any]:
