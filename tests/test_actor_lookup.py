@@ -185,3 +185,12 @@ def test_nothing_to_look_up_asks_nothing(tenant: GraphSandbox) -> None:
         found = connector.users_by_sign_in_name([])
     assert (found.found, found.absent, found.failed) == ({}, set(), {})
     assert batch_requests(tenant) == 0
+
+
+def test_the_name_index_follows_hires_and_departures() -> None:
+    with GraphSandbox(activity_rate=0) as sandbox, make_connector(sandbox) as connector:
+        hired = sandbox.org.create_user("Nadia", "Newcomer", mail_local="nadia.newcomer")
+        name = hired.user_principal_name.upper()
+        assert connector.users_by_sign_in_name([name]).found[name].account_id == hired.id
+        sandbox.org.delete_user(hired.id)
+        assert connector.users_by_sign_in_name([name]).absent == {name}
