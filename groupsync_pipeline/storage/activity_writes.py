@@ -23,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from groupsync_pipeline.config import Connection
-from groupsync_pipeline.connectors.base import Account, Activity
+from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
 from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
 from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import (
@@ -151,8 +151,9 @@ class ActorLookup:
     asked: int = 0  # names looked up
 
 
-class DuplicateActivityError(RuntimeError):
-    """The merge would store an event twice: nothing is written."""
+class DuplicateActivityError(ConnectorError):
+    """The merge would store an event twice: nothing is written. A ConnectorError: it is
+    what the app sent that breaks the rule, so that connection fails and the others go on."""
 
 
 @dataclass
@@ -499,7 +500,7 @@ def _join_external(
           AND (i.actor_account_id IS NOT NULL
                OR (i.actor_email IS NOT NULL
                    AND (i.actor_type = 'anonymous'
-                        OR list_contains($absent::VARCHAR[], lower(i.actor_email)))))
+                        OR lower(i.actor_email) IN (SELECT unnest($absent::VARCHAR[])))))
           AND (
             i.actor_type = 'anonymous'
             OR coalesce(a.is_external, false)
