@@ -11,6 +11,10 @@ import httpx
 import pytest
 
 from groupsync_pipeline.connectors.base import PermissionDeniedError
+from groupsync_pipeline.connectors.office365_activity import (
+    pick_directory_user,
+    sign_in_name_filter,
+)
 from groupsync_pipeline.sandbox.graph import DEFAULT_PERMISSIONS, GRAPH_SCOPE, GraphSandbox
 from groupsync_pipeline.sandbox.seed import User
 
@@ -132,6 +136,8 @@ def test_lookup_finds_guests_and_members_by_any_case_and_knows_who_is_absent(
         member.mail.upper(),  # type: ignore[union-attr]
         "someone@partner.example",
         "o'brien@partner.example",
+        "a+b&c=d #x@partner.example",  # "+", "&", "=", "#" and a space stay in the literal
+        "zoë@partner.example",
         "SHAREPOINT\\system",  # no "@": no sign-in name or address, never asked
         guest.user_principal_name.lower(),  # repeated: asked once
     ]
@@ -145,6 +151,8 @@ def test_lookup_finds_guests_and_members_by_any_case_and_knows_who_is_absent(
     assert found.absent == {
         "someone@partner.example",
         "o'brien@partner.example",
+        "a+b&c=d #x@partner.example",
+        "zoë@partner.example",
         "SHAREPOINT\\system",
     }
     assert found.failed == {}
@@ -194,3 +202,16 @@ def test_the_name_index_follows_hires_and_departures() -> None:
         assert connector.users_by_sign_in_name([name]).found[name].account_id == hired.id
         sandbox.org.delete_user(hired.id)
         assert connector.users_by_sign_in_name([name]).absent == {name}
+
+
+def test_the_filter_and_the_choice_among_answers() -> None:
+    assert sign_in_name_filter("o'brien@x.example") == (
+        "userPrincipalName eq 'o''brien@x.example' or mail eq 'o''brien@x.example'"
+    )
+    by_mail = {"id": "b", "userPrincipalName": "b@x.example", "mail": "Ann@X.example"}
+    by_upn = {"id": "z", "userPrincipalName": "ANN@x.example", "mail": None}
+    # A sign-in name match wins over a mail match; answers that are not users are ignored.
+    assert pick_directory_user("ann@x.example", [by_mail, None, {"id": 7}, by_upn]) == by_upn
+    assert pick_directory_user("ann@x.example", [by_mail]) == by_mail
+    assert pick_directory_user("ann@x.example", [{"displayName": "no id"}, "x"]) is None
+    assert pick_directory_user("ann@x.example", []) is None
