@@ -631,8 +631,8 @@ class ActivityStream:
             )
         if hod in QUIET_HOURS:
             for member in pools["quiet_members"]:
-                add(FILE, base + draw() * HOUR, QUIET_ACTORS, actors, actor=member,
-                    operation="FileAccessed")  # fmt: skip
+                at = base + draw() * HOUR
+                add(FILE, at, QUIET_ACTORS, actors, actor=member, operation="FileAccessed")
             for guest in pools["quiet_guests"]:
                 add(
                     FILE,

@@ -1975,8 +1975,8 @@ class GraphSandbox:
         count = self._wants_count(req, params)
         users: list[User] = list(self.org.users.values())
         if "$filter" in params:
-            users = _filter(self._named_users(params["$filter"], users), params["$filter"],
-                            _USER_FILTERS)  # fmt: skip
+            text = params["$filter"]
+            users = _filter(self._named_users(text, users), text, _USER_FILTERS)
         users = _order(users, params.get("$orderby"), {"displayName": "display_name"})
         return self._page(
             req, params, users, lambda u: render(u.id), self._context("users", select), count
