@@ -10,6 +10,9 @@ is recorded as ``gap_before``.
 Everything read is staged on disk; the warehouse changes in one transaction per connection,
 so a read that fails midway stores nothing and moves no watermark. A source that fails does
 not stop the others: its watermark stays where it was and the error is reported.
+
+Actors that events name only by sign-in name, and that the warehouse cannot tie to an account,
+are looked up in the app's directory after the reads and before the merge transaction.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from datetime import UTC, datetime, timedelta
 
 from groupsync_pipeline.config import Connection, env_number
 from groupsync_pipeline.connected_apps import open_connector
-from groupsync_pipeline.connectors.base import Account, ConnectorError
+from groupsync_pipeline.connectors.base import Account, Connector, ConnectorError
 from groupsync_pipeline.storage.activity_writes import (
     ActivityMergeResult,
     ActivityStaging,
+    ActorLookup,
     SourceRead,
     merge_activities,
+    unknown_actor_names,
 )
 from groupsync_pipeline.storage.warehouse import Warehouse
 
@@ -63,6 +68,9 @@ class IngestOutcome:
     gaps: dict[str, str] = field(default_factory=dict)  # source -> events lost before
     errors: dict[str, str] = field(default_factory=dict)  # source (or "administrators") -> error
     skipped: int = 0  # events the app sent without an id or a readable time
+    # Sign-in names looked up in the directory: asked, found, absent (no directory account),
+    # failed (could not be looked up this time: their events keep no account).
+    actor_lookup: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
 
 
@@ -80,6 +88,55 @@ def _window(
     # The app no longer keeps events back to where we stopped: note the hole, read what is left.
     gap = earliest if read_until is not None and read_until < earliest else None
     return earliest, now, gap
+
+
+def _look_up_actors(
+    connector: Connector,
+    connection: Connection,
+    warehouse: Warehouse,
+    staging: ActivityStaging,
+    outcome: IngestOutcome,
+    log: Log,
+    at: datetime,
+) -> ActorLookup | None:
+    """Ask the directory who the staged events' unknown sign-in names are (None: it could
+    not be asked; those events then keep no account and nobody is made up for them)."""
+    names = staging.actor_names()
+    if names:
+        with warehouse.read() as conn:
+            names = unknown_actor_names(conn, connection.name, names, at)
+    if not names:
+        return ActorLookup()
+    try:
+        # Office 365 only today; a connector without a directory lookup would raise here.
+        found = connector.users_by_sign_in_name(names)  # type: ignore[attr-defined]
+    except ConnectorError as exc:
+        outcome.errors["users"] = str(exc)
+        log(
+            f"{connection.name}: {len(names)} sign-in names not looked up in the directory, "
+            f"their events keep no account: {exc}"
+        )
+        return None
+    outcome.actor_lookup = {
+        "asked": len(names),
+        "found": len(found.found),
+        "absent": len(found.absent),
+        "failed": len(found.failed),
+    }
+    log(
+        f"{connection.name}: looked up {len(names)} sign-in names in the directory: "
+        f"{len(found.found)} found, {len(found.absent)} with no directory account"
+        + (
+            f", {len(found.failed)} not answered (their events keep no account)"
+            if found.failed
+            else ""
+        )
+    )
+    for name, why in sorted(found.failed.items())[:5]:
+        log(f"{connection.name}: sign-in name {name[:200]!r} not looked up: {why}")
+    return ActorLookup(
+        accounts=tuple(found.found.values()), absent=frozenset(found.absent), asked=len(names)
+    )
 
 
 def ingest_connection(
@@ -157,6 +214,9 @@ def ingest_connection(
                     f"from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
                 )
             outcome.skipped = connector.skipped_activities
+            actor_lookup = _look_up_actors(
+                connector, connection, warehouse, staging, outcome, log, now()
+            )
         if outcome.skipped:
             log(f"{connection.name}: {outcome.skipped} events without an id or time were skipped")
         outcome.pages = staging.pages
@@ -170,6 +230,7 @@ def ingest_connection(
                 admins=admins,
                 now=now(),
                 errors=outcome.errors,
+                actor_lookup=actor_lookup,
             )
     finally:
         staging.remove()

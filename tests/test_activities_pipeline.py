@@ -135,7 +135,7 @@ def test_a_failing_log_keeps_its_place_and_the_others_commit(
     instance, connections, data_dir = env
     assert ingest(env).success
     first_state = dict(query(data_dir, "SELECT source, read_until FROM activity_sources_state"))
-    assert set(first_state) == SOURCES | {"administrators", "domains"}
+    assert set(first_state) == SOURCES | {"administrators", "domains", "users"}
 
     user = next(iter(quiet_tenant.org.users))
     signed_in = quiet_tenant.activity.add_sign_in(user, time.time(), country="US")
@@ -242,3 +242,124 @@ def test_an_unknown_connection_in_run_config_fails_clearly(env) -> None:
     message = failure_message(result)
     assert "nope" in message and "contoso" in message  # names the configured connections
     assert not (data_dir / "groupsync.duckdb").exists()
+
+
+def actors_by_event(data_dir: Path) -> dict[str, tuple[str | None, str | None]]:
+    rows = query(data_dir, "SELECT event_id, actor_account_id, actor_type FROM activities")
+    return {event_id: (account, kind) for event_id, account, kind in rows}
+
+
+def external_members(data_dir: Path) -> list[str]:
+    rows = query(
+        data_dir,
+        "SELECT account_id FROM group_memberships "
+        "WHERE group_id = 'contoso:auto:external' ORDER BY 1",
+    )
+    return [row[0] for row in rows]
+
+
+def test_actors_are_directory_accounts_and_services_are_not_people(
+    env, quiet_tenant: GraphSandbox
+) -> None:
+    instance, connections, data_dir = env
+    org, stream = quiet_tenant.org, quiet_tenant.activity
+    pools = stream.pools()
+    silent_guest = org.users[pools["quiet_guests"][0]]  # never signs in
+    admins = set(org.admin_user_ids())
+    # A guest who signs in, but only after a file event.
+    guest = next(org.users[g] for g in pools["guests"] if g not in admins)
+    quiet_member = org.users[pools["quiet_members"][0]]  # no sign-in, no imported group
+    assert import_group(instance, "HR", connections, data_dir).success
+    assert ingest(env).success  # the automatic groups exist from here on
+    time.sleep(1.1)
+
+    now = time.time()
+    # SharePoint names people by their UPN in lower case: "#ext#" for guests.
+    guest_file = stream.add_file_event(guest.user_principal_name, now, "FileAccessed", "a.docx")
+    silent_file = stream.add_file_event(silent_guest.user_principal_name, now, "FilePreviewed")
+    member_file = stream.add_file_event(quiet_member.user_principal_name, now, "FileAccessed")
+    crawler = stream.add_file_event("app@sharepoint", now, "FileAccessed", "b.docx")
+    system_file = stream.add_file_event("SHAREPOINT\\system", now, "FileModified", "c.docx")
+    system_audit = stream.add_directory_audit(None, now, "Update user", system=True)
+    outsider = stream.add_file_event("someone@partner.example", now, "FileAccessed", "d.pptx")
+    time.sleep(2.1)  # the blob slot holding the file events has ended
+    quiet_tenant.reset_log()
+    second = ingest(env)
+    assert second.success, failure_message(second)
+    # The unknown names were looked up in the directory, 20 to a $batch: one here.
+    assert quiet_tenant.request_count("/v1.0/$batch") == 1
+
+    later = time.time()
+    guest_sign_in = stream.add_sign_in(guest.id, later, country="GB")
+    guest_again = stream.add_file_event(guest.user_principal_name, later, "FileAccessed", "e.docx")
+    time.sleep(2.1)
+    quiet_tenant.reset_log()
+    third = ingest(env)
+    assert third.success, failure_message(third)
+    assert quiet_tenant.request_count("/v1.0/$batch") == 0  # all known by now
+
+    actors = {
+        key: value
+        for key, value in actors_by_event(data_dir).items()
+        if any(injected in key for injected in (system_audit,))
+    }
+    assert list(actors.values()) == [(None, "system")]
+    actors = actors_by_event(data_dir)
+    assert actors[guest_file] == (guest.id, "user")
+    assert actors[guest_again] == (guest.id, "user")
+    assert actors[guest_sign_in] == (guest.id, "user")
+    assert actors[silent_file] == (silent_guest.id, "user")
+    assert actors[member_file] == (quiet_member.id, "user")
+    assert actors[crawler] == (None, "application")
+    assert actors[system_file] == (None, "system")
+    assert actors[outsider] == ("someone@partner.example", "user")
+    # Each outside person once, by their directory account; services and the system never.
+    assert external_members(data_dir) == sorted(
+        [guest.id, silent_guest.id, "someone@partner.example"]
+    )
+    made_up = query(data_dir, "SELECT account_id FROM accounts WHERE account_id LIKE '%@%'")
+    assert made_up == [("someone@partner.example",)]
+    tags = tags_by_event(data_dir)
+    assert tags[silent_file] == ["External"] and tags[guest_file] == ["External"]
+    assert tags[member_file] == tags[crawler] == tags[system_file] == []
+
+
+def test_when_the_directory_cannot_be_asked_no_one_is_made_up(
+    env, quiet_tenant: GraphSandbox
+) -> None:
+    _, _, data_dir = env
+    org, stream = quiet_tenant.org, quiet_tenant.activity
+    silent_guest = org.users[stream.pools()["quiet_guests"][0]]
+    assert ingest(env).success
+    time.sleep(1.1)
+    now = time.time()
+    silent_file = stream.add_file_event(silent_guest.user_principal_name, now, "FilePreviewed")
+    outsider = stream.add_file_event("someone@partner.example", now, "FileAccessed", "d.pptx")
+    time.sleep(2.1)
+    # Every lookup refused (as without User.Read.All): the ingest goes on and says so.
+    quiet_tenant.faults.add("error", path="/users?$filter", status=403, count=100)
+    try:
+        result = ingest(env)
+    finally:
+        quiet_tenant.faults.clear()
+    assert result.success, failure_message(result)
+    assert check_results(result) == {"audit_logs_read": False}
+    errors = query(
+        data_dir, "SELECT source, last_error FROM activity_sources_state WHERE last_error NOTNULL"
+    )
+    assert [source for source, _ in errors] == ["users"] and "User.Read.All" in errors[0][1]
+    actors = actors_by_event(data_dir)
+    # Who they were is unknown: stored without an account rather than as made-up people.
+    assert actors[silent_file] == (None, "user") and actors[outsider] == (None, "user")
+    assert external_members(data_dir) == []
+    assert query(data_dir, "SELECT count(*) FROM accounts WHERE account_id LIKE '%@%'") == [(0,)]
+
+    # The next ingest asks again for the names it meets, and the check recovers.
+    later = time.time()
+    again = stream.add_file_event(silent_guest.user_principal_name, later, "FileAccessed")
+    time.sleep(2.1)
+    recovered = ingest(env)
+    assert recovered.success, failure_message(recovered)
+    assert check_results(recovered) == {"audit_logs_read": True}
+    assert actors_by_event(data_dir)[again] == (silent_guest.id, "user")
+    assert external_members(data_dir) == [silent_guest.id]

@@ -13,14 +13,18 @@ from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity
 from groupsync_pipeline.storage.activity_writes import (
     ActivityStaging,
+    ActorLookup,
+    DuplicateActivityError,
     SourceRead,
     merge_activities,
+    unknown_actor_names,
 )
 from groupsync_pipeline.storage.warehouse import Warehouse
 
 CONTOSO = Connection(name="contoso", app="office365")
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DOMAINS = ["contoso.example", "contoso.onmicrosoft.com"]
+NOTHING_TO_LOOK_UP = ActorLookup()
 
 
 def event(
@@ -57,6 +61,7 @@ def ingest(
     now: datetime,
     admins: list[Account] | None = None,
     domains: list[str] | None = DOMAINS,
+    lookup: ActorLookup | None = NOTHING_TO_LOOK_UP,
 ):
     staging = ActivityStaging(warehouse.staging_path())
     try:
@@ -70,9 +75,45 @@ def ingest(
                 verified_domains=domains,
                 admins=admins,
                 now=now,
+                actor_lookup=lookup,
             )
     finally:
         staging.remove()
+
+
+def file_event(event_id: str, at: datetime, name: str | None, actor_type: str | None = "user"):
+    """A file event: only a sign-in name (or email) for its actor, as SharePoint gives it."""
+    return event(
+        event_id,
+        at,
+        actor=None,
+        email=name,
+        source="Audit.SharePoint",
+        action="FileAccessed",
+        country=None,
+    )._replace(actor_type=actor_type)
+
+
+def actors(warehouse: Warehouse) -> dict[str, str | None]:
+    with warehouse.read() as conn:
+        return dict(conn.execute("SELECT event_id, actor_account_id FROM activities").fetchall())
+
+
+def external_members(warehouse: Warehouse) -> list[str]:
+    with warehouse.read() as conn:
+        rows = conn.execute(
+            "SELECT account_id FROM group_memberships "
+            "WHERE group_id = 'contoso:auto:external' ORDER BY 1"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def accounts(warehouse: Warehouse) -> dict[str, tuple]:
+    with warehouse.read() as conn:
+        rows = conn.execute(
+            "SELECT account_id, email, user_type, is_external FROM accounts"
+        ).fetchall()
+    return {row[0]: row[1:] for row in rows}
 
 
 def add_group(warehouse: Warehouse, name: str, imported_at: datetime, intervals: list) -> str:
@@ -257,7 +298,13 @@ def test_external_group_starts_when_created_and_holds_outside_people(
         country=None,
     )
     staff = event("staff", T0 + timedelta(minutes=3))
-    result = ingest(warehouse, [guest, outsider, before, staff], now=T0 + timedelta(hours=1))
+    result = ingest(
+        warehouse,
+        [guest, outsider, before, staff],
+        now=T0 + timedelta(hours=1),
+        # The directory has no account by that name: an outside person.
+        lookup=ActorLookup(absent=frozenset({"someone@partner.example"})),
+    )
     assert result.external_joined == 2
     assert tags(warehouse) == {
         "guest": ["External"],
@@ -438,3 +485,119 @@ def test_a_sparse_admin_listing_keeps_what_a_full_read_stored(warehouse: Warehou
             "SELECT user_type, enabled, is_external FROM accounts WHERE account_id = 'u-ann'"
         ).fetchall()
     assert stored == [("Member", False, False)]
+
+
+# --- who acted: directory accounts before anything made up ----------------------------------
+
+GUEST_UPN = "Pat_partner.example#EXT#@contoso.onmicrosoft.com"
+GUEST = Account("u-pat", "pat@partner.example", "Pat", GUEST_UPN, "Guest", True, True)
+QUIET = Account(
+    "u-quinn", "quinn@contoso.example", "Quinn", "quinn@contoso.example", "Member", False, True
+)
+
+
+def test_a_guest_named_by_a_lower_case_upn_is_their_directory_account(
+    warehouse: Warehouse,
+) -> None:
+    ingest(warehouse, [], now=T0)
+    first = file_event("file-1", T0 + timedelta(minutes=1), GUEST_UPN.lower())
+    quiet = file_event("quiet-1", T0 + timedelta(minutes=2), "Quinn@Contoso.example")
+    result = ingest(
+        warehouse,
+        [first, quiet],
+        now=T0 + timedelta(hours=1),
+        lookup=ActorLookup(accounts=(GUEST, QUIET), asked=2),
+    )
+    assert result.resolved_actors == 2 and result.unresolved_actors == 0
+    # Later events find them stored (no lookup), and the guest's sign-in is the same person.
+    later = T0 + timedelta(hours=2)
+    signin = event("signin-1", later, actor="u-pat", email=GUEST_UPN)
+    again = file_event("file-2", later + timedelta(minutes=1), GUEST_UPN.lower())
+    ingest(warehouse, [signin, again], now=later + timedelta(minutes=5))
+    assert actors(warehouse) == {
+        "file-1": "u-pat",
+        "quiet-1": "u-quinn",
+        "signin-1": "u-pat",
+        "file-2": "u-pat",
+    }
+    assert external_members(warehouse) == ["u-pat"]  # once, by the directory id
+    assert set(accounts(warehouse)) == {"u-pat", "u-quinn"}  # no account keyed by a name
+    assert accounts(warehouse)["u-pat"] == ("pat@partner.example", "Guest", True)
+    assert tags(warehouse) == {
+        "file-1": ["External"],
+        "file-2": ["External"],
+        "quiet-1": [],
+        "signin-1": ["External"],
+    }
+
+
+def test_a_name_that_could_not_be_looked_up_gets_no_made_up_account(
+    warehouse: Warehouse,
+) -> None:
+    ingest(warehouse, [], now=T0)
+    guest = file_event("guest", T0 + timedelta(minutes=1), GUEST_UPN.lower())
+    outsider = file_event("outsider", T0 + timedelta(minutes=2), "someone@partner.example")
+    # None: the directory could not be asked at all (or failed on these names).
+    result = ingest(warehouse, [guest, outsider], now=T0 + timedelta(hours=1), lookup=None)
+    assert result.unresolved_actors == 2 and result.external_joined == 0
+    assert actors(warehouse) == {"guest": None, "outsider": None}
+    assert accounts(warehouse) == {} and external_members(warehouse) == []
+
+
+def test_services_and_the_system_are_never_looked_up_or_made_people(
+    warehouse: Warehouse,
+) -> None:
+    ingest(warehouse, [], now=T0)
+    events = [
+        file_event("crawler", T0 + timedelta(minutes=1), "app@sharepoint", "application"),
+        file_event("system", T0 + timedelta(minutes=2), "SHAREPOINT\\system", "system"),
+        # Even told that the directory has no such name.
+    ]
+    result = ingest(
+        warehouse,
+        events,
+        now=T0 + timedelta(hours=1),
+        lookup=ActorLookup(absent=frozenset({"app@sharepoint", "sharepoint\\system"})),
+    )
+    assert result.external_joined == 0 and result.unresolved_actors == 0
+    assert actors(warehouse) == {"crawler": None, "system": None}
+    assert accounts(warehouse) == {}
+
+
+def test_a_guest_account_made_up_by_an_older_release_gives_way_to_the_directory(
+    warehouse: Warehouse,
+) -> None:
+    ingest(warehouse, [], now=T0)
+    # An older release made an account keyed by the guest's sign-in name.
+    with warehouse.write() as conn:
+        conn.execute(
+            "INSERT INTO accounts VALUES ('contoso', ?, ?, NULL, NULL, 'External', true, NULL, "
+            "?, ?)",
+            [GUEST_UPN.lower(), GUEST_UPN.lower(), T0, T0],
+        )
+    with warehouse.read() as conn:
+        unknown = unknown_actor_names(
+            conn, "contoso", [GUEST_UPN.lower(), "quinn@contoso.example"], T0
+        )
+    assert sorted(unknown) == [GUEST_UPN.lower(), "quinn@contoso.example"]
+    ingest(
+        warehouse,
+        [file_event("file", T0 + timedelta(minutes=1), GUEST_UPN.lower())],
+        now=T0 + timedelta(hours=1),
+        lookup=ActorLookup(accounts=(GUEST,), asked=1),
+    )
+    assert actors(warehouse) == {"file": "u-pat"}
+
+
+def test_a_repeat_the_dedupe_misses_fails_the_merge_loudly(warehouse: Warehouse) -> None:
+    stored = file_event("rec-1", T0, "ann@contoso.example")
+    ingest(warehouse, [stored], now=T0 + timedelta(minutes=5))
+    # The same record again, with another time: the dedupe (which expects a repeat to carry
+    # its time) lets it through; the key check refuses to store it twice.
+    shifted = stored._replace(occurred_at=T0 + timedelta(hours=1), source="Audit.General")
+    with pytest.raises(DuplicateActivityError, match="rec-1"):
+        ingest(warehouse, [shifted], now=T0 + timedelta(hours=2))
+    with warehouse.read() as conn:
+        assert conn.execute("SELECT event_id, source FROM activities").fetchall() == [
+            ("rec-1", "Audit.SharePoint")
+        ]

@@ -298,11 +298,21 @@ def test_management_record_normalizes() -> None:
     [
         ({"UserType": 0}, "user"),
         ({"UserType": 2}, "user"),  # an admin acting as themselves
-        ({"UserType": 4, "UserId": "app@sharepoint"}, "system"),
         ({"UserType": 5}, "application"),
         ({"UserType": 6}, "application"),
+        ({"UserType": 3}, "system"),  # a Microsoft datacenter operator
+        ({"UserType": 8}, "system"),  # a system policy
         ({"UserType": None}, None),
-        ({"UserType": "4"}, None),  # not the documented integer: unknown, not guessed
+        ({"UserType": 42}, None),  # a value the schema does not list: unknown, not guessed
+        ({"UserType": True}, None),
+        # Some exports carry UserType as text: its number or its member name.
+        ({"UserType": "4"}, "system"),
+        ({"UserType": " 0 "}, "user"),
+        ({"UserType": "Regular"}, "user"),
+        ({"UserType": "ServicePrincipal"}, "application"),
+        ({"UserType": "dcadmin"}, "system"),
+        ({"UserType": "Unheard-of"}, None),
+        ({"UserType": "²"}, None),
         ({"UserType": 0, "UserId": "urn:spo:anon#a1b2c3"}, "anonymous"),
         ({"UserType": 0, "UserKey": "urn:spo:anon#a1b2c3"}, "anonymous"),
     ],
@@ -310,6 +320,71 @@ def test_management_record_normalizes() -> None:
 def test_management_actor_types(fields: dict, expected: str | None) -> None:
     activity = management_activity({**SHAREPOINT_RECORD, **fields}, "Audit.SharePoint")
     assert activity is not None and activity.actor_type == expected
+
+
+# Service identities of the common schema's UserId: whatever UserType says (SharePoint records
+# carry 0, "Regular", for them), they are an application or the system, never a person.
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"UserId": "app@sharepoint", "UserType": 0}, "application"),
+        ({"UserId": "App@SharePoint", "UserType": 4}, "application"),
+        (
+            {
+                "UserId": "app@sharepoint",
+                "UserKey": "i:0i.t|00000003-0000-0ff1-ce00-000000000000|app@sharepoint",
+                "UserType": None,
+            },
+            "application",
+        ),
+        ({"UserId": "SHAREPOINT\\system", "UserType": 0}, "system"),
+        ({"UserId": "NT AUTHORITY\\SYSTEM (Microsoft.Exchange.ServiceHost)", "UserType": 2},
+         "system"),
+        ({"UserId": "nt authority\\system (w3wp)", "UserType": "Admin"}, "system"),
+        ({"UserId": "ServicePrincipal_9a2b5c0e-3f1d-4c7a-8e6b-2d4f0a1c3e5b"}, "application"),
+        # An app-only claim in UserKey names an application even beside a person-like UserId.
+        ({"UserId": "crawler@contoso.com", "UserKey": "i:0i.t|ms.sp.ext|a1@b2", "UserType": 0},
+         "application"),
+        # A person whatever the case of the name; no UserId at all is still the UserType's word.
+        ({"UserId": "Adele.Vance@CONTOSO.com", "UserType": 0}, "user"),
+        ({"UserId": None, "UserType": 0}, "user"),
+        ({"UserId": None, "UserKey": None, "UserType": None}, None),
+    ],
+)  # fmt: skip
+def test_service_identities_are_not_people(fields: dict, expected: str | None) -> None:
+    activity = management_activity({**SHAREPOINT_RECORD, **fields}, "Audit.SharePoint")
+    assert activity is not None and activity.actor_type == expected
+    assert activity.actor_account_id is None
+
+
+@pytest.mark.parametrize(
+    "nil", ["00000000-0000-0000-0000-000000000000", "{00000000-0000-0000-0000-000000000000}"]
+)
+def test_directory_audit_initiated_by_the_nil_id_is_the_system(nil: str) -> None:
+    # Entra ID records its own actions with the all-zero id as the initiating "user".
+    event = {
+        "id": "d-0",
+        "activityDateTime": "2026-11-27T04:00:00Z",
+        "activityDisplayName": "Update StsRefreshTokenValidFrom Timestamp",
+        "initiatedBy": {
+            "user": {"id": nil, "displayName": None, "userPrincipalName": None, "ipAddress": ""},
+            "app": None,
+        },
+    }
+    activity = directory_audit_activity(event)
+    assert activity is not None
+    assert activity.actor_type == "system"
+    assert activity.actor_account_id is None and activity.actor_email is None
+    # Nobody at all named as initiator: the app did not say.
+    unnamed = directory_audit_activity({**event, "initiatedBy": {"user": None, "app": None}})
+    assert unnamed is not None and unnamed.actor_type is None
+
+
+def test_a_sign_in_by_the_nil_id_names_no_account() -> None:
+    event = {**SIGN_IN, "userId": "00000000-0000-0000-0000-000000000000"}
+    activity = signin_activity(event)
+    assert activity is not None
+    assert activity.actor_account_id is None and activity.actor_type == "system"
 
 
 def test_directory_audit_by_an_app_has_an_application_actor() -> None:

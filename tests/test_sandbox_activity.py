@@ -701,6 +701,74 @@ def test_rate_bounds_generation_time() -> None:
 
 
 # -- stories ---------------------------------------------------------------------------------
+SERVICES = ("app@sharepoint", "SHAREPOINT\\system")
+NIL_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def test_a_day_names_actors_in_every_documented_way(quiet_day: Tenant) -> None:
+    org, stream = quiet_day.sandbox.org, quiet_day.sandbox.activity
+    start, end = NOON - 12 * 3600, NOON + 12 * 3600 - 1
+    files = quiet_day.records("Audit.SharePoint", start, end)
+    signed_in = {
+        s["userId"]
+        for s in quiet_day.all_pages(
+            "auditLogs/signIns",
+            **{"$filter": f"createdDateTime ge {iso(start)} and createdDateTime le {iso(end)}"},
+        )
+    }
+    by_actor: dict[str, list[dict[str, Any]]] = {}
+    for record in files:
+        by_actor.setdefault(record["UserId"], []).append(record)
+    # Service identities, with the UserType SharePoint gives them (0, Regular): only the name
+    # tells they are not people.
+    crawler, system = by_actor["app@sharepoint"], by_actor["SHAREPOINT\\system"]
+    assert len(crawler) >= 5 and system
+    assert all(r["UserType"] == 0 for r in [*crawler, *system])
+    assert all(r["UserKey"].startswith("i:0i.t|") for r in crawler)
+    # A guest who only ever opens files: named by a lower-case "#ext#" UPN, never signing in.
+    (guest_id,) = stream.pools()["quiet_guests"]
+    guest = org.users[guest_id]
+    assert guest.user_type == "Guest" and guest_id not in signed_in
+    assert by_actor[guest.user_principal_name.lower()]
+    assert "#ext#" in guest.user_principal_name.lower() != guest.user_principal_name
+    # A member who never signs in, in no group a test imports (neither HR nor Executives,
+    # nor an administrator).
+    (member_id,) = stream.pools()["quiet_members"]
+    member = org.users[member_id]
+    assert member.user_type == "Member" and member_id not in signed_in
+    assert member.department not in ("HR", "Executives")
+    assert member_id not in org.admin_user_ids()
+    assert by_actor[member.user_principal_name.lower()]
+    # Entra ID acting by itself: the all-zero id as the initiating user.
+    audits = quiet_day.all_pages(
+        "auditLogs/directoryAudits",
+        **{"$filter": f"activityDateTime ge {iso(start)} and activityDateTime le {iso(end)}"},
+    )
+    by_system = [a for a in audits if (a["initiatedBy"]["user"] or {}).get("id") == NIL_ID]
+    assert by_system
+    assert all(a["initiatedBy"]["user"]["userPrincipalName"] is None for a in by_system)
+
+
+def test_injected_service_identity_and_system_events_keep_their_shape() -> None:
+    t = open_tenant(activity_rate=0)
+    try:
+        t.mgmt.post("subscriptions/start", params={"contentType": "Audit.SharePoint"})
+        activity = t.sandbox.activity
+        crawler = activity.add_file_event("app@sharepoint", NOON - 600, "FileAccessed")
+        system = activity.add_file_event("SHAREPOINT\\system", NOON - 500, "FileModified")
+        audit = activity.add_directory_audit(None, NOON - 400, "Update user", system=True)
+        t.clock.now = NOON + 3600
+        records = {r["Id"]: r for r in t.records("Audit.SharePoint", NOON - 3600, NOON + 3600)}
+        assert records[crawler]["UserId"] == "app@sharepoint"
+        assert records[system]["UserId"] == "SHAREPOINT\\system"
+        assert records[system]["UserKey"] == "SHAREPOINT\\system"
+        (found,) = t.graph.get("auditLogs/directoryAudits").json()["value"]
+        assert found["id"] == audit
+        assert found["initiatedBy"]["user"]["id"] == NIL_ID and found["initiatedBy"]["app"] is None
+    finally:
+        t.close()
+
+
 def test_stories_in_a_simulated_day(quiet_day: Tenant) -> None:
     org = quiet_day.sandbox.org
     by_upn = {u.user_principal_name.lower(): u for u in org.users.values()}
@@ -723,7 +791,11 @@ def test_stories_in_a_simulated_day(quiet_day: Tenant) -> None:
     (upn, _), count = downloads.most_common(1)[0]
     assert count >= 20 and by_upn[upn].department == "Executives"
     # External people: guests (#ext#) and plain outside addresses open shared files.
-    outside = [r for r in files if not r["UserId"].endswith("contoso-sandbox.example")]
+    outside = [
+        r
+        for r in files
+        if not r["UserId"].endswith("contoso-sandbox.example") and r["UserId"] not in SERVICES
+    ]
     assert any("#ext#" in r["UserId"] for r in outside)
     assert any(r["UserId"].endswith("@partner.example") for r in outside)
     assert {r["Operation"] for r in outside} <= {"FileAccessed", "FilePreviewed"}

@@ -58,8 +58,11 @@ from groupsync_pipeline.connectors.base import (
     close_matches,
 )
 from groupsync_pipeline.connectors.office365_activity import (
+    DirectoryLookup,
     directory_audit_activity,
     management_activity,
+    pick_directory_user,
+    sign_in_name_filter,
     signin_activity,
 )
 
@@ -1148,6 +1151,64 @@ class GraphConnector:
                 raise VendorError(
                     f"Graph GET /users/{user_id:.60} inside $batch: {problem}", status
                 )
+
+    # --- actors of audit events, by sign-in name --------------------------------------------
+
+    def users_by_sign_in_name(self, names: Iterable[str]) -> DirectoryLookup:
+        """Directory accounts for the sign-in names or email addresses audit events name their
+        actors by (file events carry no directory id), one filtered /users read per name, 20
+        per $batch.
+
+        Each name is asked as ``userPrincipalName eq '<name>' or mail eq '<name>'`` (guests'
+        UPNs carry #EXT#, in any case). A name without "@" is neither: absent without asking.
+        A name Graph refuses (an inner 4xx) or keeps failing on after the retries is in
+        ``failed``; the others are still answered. An inner 401/403 is a
+        PermissionDeniedError naming User.Read.All.
+        """
+        lookup = DirectoryLookup()
+        seen: set[str] = set()
+        chunk: list[str] = []
+        for name in names:
+            if not isinstance(name, str) or not name.strip() or name in seen:
+                continue
+            seen.add(name)
+            if "@" not in name:
+                lookup.absent.add(name)
+                continue
+            chunk.append(name)
+            if len(chunk) == BATCH_SIZE:
+                self._sign_in_names_batch(chunk, lookup)
+                chunk = []
+        if chunk:
+            self._sign_in_names_batch(chunk, lookup)
+        return lookup
+
+    def _sign_in_names_batch(self, names: list[str], lookup: DirectoryLookup) -> None:
+        # Percent-encoded whole: "#" would start the URL's fragment, "+" would read as a space.
+        urls = [
+            f"/users?$filter={quote(sign_in_name_filter(name), safe='')}&$select={MEMBER_SELECT}"
+            for name in names
+        ]
+        for name, (status, body) in zip(names, self._batch_get(urls), strict=True):
+            if status in (401, 403):
+                raise PermissionDeniedError(
+                    f"Graph denied looking up users by sign-in name (HTTP {status} inside "
+                    "$batch): the app registration needs the application permission "
+                    "User.Read.All (with admin consent)."
+                )
+            users = body.get("value") if isinstance(body, dict) else None
+            if status == 200 and isinstance(users, list):
+                user = pick_directory_user(name, users)
+                if user is None:
+                    lookup.absent.add(name)
+                else:
+                    lookup.found[name] = account_from_user(user)
+            elif status == 200:
+                lookup.failed[name] = "an answer that is not a list of users"
+            elif status == 0:
+                lookup.failed[name] = "no answer with a status for it, even after retries"
+            else:
+                lookup.failed[name] = _inner_error(status, body)
 
     # --- administrators and domains ---------------------------------------------------------
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from groupsync_pipeline.connectors.base import Activity
+from groupsync_pipeline.connectors.base import Account, Activity
 
 SIGN_IN_ACTION = "Sign-in"
 UNKNOWN_ACTION = "unknown"  # Activity.action is required; used when the event names none
@@ -102,11 +103,12 @@ def signin_activity(event: Any, source: str = "signIns") -> Activity | None:
     location = _object(event.get("location"))
     status = _object(event.get("status"))
     error_code = status.get("errorCode")
+    user_id = _text(event.get("userId"))
     return Activity(
         source=source,
         event_id=event_id,
         occurred_at=occurred,
-        actor_account_id=_text(event.get("userId")),
+        actor_account_id=None if is_nil_id(user_id) else user_id,
         actor_email=_text(event.get("userPrincipalName")),
         action=SIGN_IN_ACTION,
         object_name=_text(event.get("appDisplayName")),
@@ -118,20 +120,29 @@ def signin_activity(event: Any, source: str = "signIns") -> Activity | None:
         # errorCode 0 is success; any other code is a failed or interrupted sign-in.
         success=(error_code == 0) if _is_int(error_code) else None,
         raw=raw_json(event),
-        actor_type=ACTOR_USER,
+        actor_type=ACTOR_SYSTEM if is_nil_id(user_id) else ACTOR_USER,
     )
 
 
 def directory_audit_activity(event: Any, source: str = "directoryAudits") -> Activity | None:
     """A Graph directoryAudit (GET /auditLogs/directoryAudits item), or None without an id
     or time. App-initiated events have no person as actor: actor fields stay None and the
-    app's name is only in raw."""
+    app's name is only in raw. Entra ID's own actions name the all-zero id as the initiating
+    user: the system, no account."""
     if not isinstance(event, dict):
         return None
     event_id, occurred = _identifier(event.get("id")), parse_time(event.get("activityDateTime"))
     if event_id is None or occurred is None:
         return None
-    user = _object(_object(event.get("initiatedBy")).get("user"))
+    initiated = _object(event.get("initiatedBy"))
+    user = _object(initiated.get("user"))
+    user_id = _text(user.get("id"))
+    if is_nil_id(user_id):
+        actor_type: str | None = ACTOR_SYSTEM
+    elif user_id or _text(user.get("userPrincipalName")):
+        actor_type = ACTOR_USER
+    else:  # an app acted, or the record names nobody (the app did not say)
+        actor_type = ACTOR_APPLICATION if _object(initiated.get("app")) else None
     targets = event.get("targetResources")
     target = _object(targets[0]) if isinstance(targets, list) and targets else {}
     result = _text(event.get("result"))
@@ -140,7 +151,7 @@ def directory_audit_activity(event: Any, source: str = "directoryAudits") -> Act
         source=source,
         event_id=event_id,
         occurred_at=occurred,
-        actor_account_id=_text(user.get("id")),
+        actor_account_id=None if actor_type == ACTOR_SYSTEM else user_id,
         actor_email=_text(user.get("userPrincipalName")),
         action=_text(event.get("activityDisplayName")) or UNKNOWN_ACTION,
         object_name=_text(target.get("displayName")) or _text(target.get("userPrincipalName")),
@@ -156,9 +167,7 @@ def directory_audit_activity(event: Any, source: str = "directoryAudits") -> Act
         if result in ("failure", "timeout")
         else None,
         raw=raw_json(event),
-        actor_type=ACTOR_USER
-        if user.get("id") or user.get("userPrincipalName")
-        else ACTOR_APPLICATION,
+        actor_type=actor_type,
     )
 
 
@@ -169,7 +178,8 @@ ACTOR_APPLICATION = "application"
 ACTOR_SYSTEM = "system"
 # The common schema's UserType: 0 Regular, 1 Reserved, 2 Admin, 3 DcAdmin (a Microsoft
 # datacenter operator), 4 System, 5 Application, 6 ServicePrincipal, 7 CustomPolicy,
-# 8 SystemPolicy.
+# 8 SystemPolicy. Documented as an integer; some exports give the number or the member name
+# as text, so both are read (member names compared lower case).
 _USER_TYPES = {
     0: ACTOR_USER,
     1: ACTOR_USER,
@@ -181,18 +191,66 @@ _USER_TYPES = {
     7: ACTOR_SYSTEM,
     8: ACTOR_SYSTEM,
 }
+_USER_TYPE_NAMES = {
+    "regular": 0,
+    "reserved": 1,
+    "admin": 2,
+    "dcadmin": 3,
+    "system": 4,
+    "application": 5,
+    "serviceprincipal": 6,
+    "custompolicy": 7,
+    "systempolicy": 8,
+}
+# Service identities in UserId (compared lower case). The schema documents app@sharepoint (an
+# app with SharePoint-wide permissions: "the user was an application"), SHAREPOINT\system and
+# NT AUTHORITY\SYSTEM (...) (system accounts); Entra ID records name an acting app
+# "ServicePrincipal_<id>". SharePoint records carry UserType 0 for them, so the name decides.
+_APPLICATION_IDS = frozenset({"app@sharepoint"})
+_APPLICATION_ID_PREFIXES = ("serviceprincipal_",)
+_SYSTEM_IDS = frozenset({"sharepoint\\system"})
+_SYSTEM_ID_PREFIXES = ("nt authority\\",)
+# SharePoint claims in UserKey: "i:0i.t|<issuer>|<app>" is an app-only (application) identity.
+_APPLICATION_KEY_PREFIXES = ("i:0i.t|",)
+NIL_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def is_nil_id(value: str | None) -> bool:
+    """The all-zero GUID (with or without braces): Entra ID's id for its own actions."""
+    return value is not None and value.strip().strip("{}") == NIL_ID
 
 
 def management_actor_type(event: dict[str, Any]) -> str | None:
-    """Who acted in a Management API record: a person, a sharing link, an app or the system."""
-    for key in ("UserId", "UserKey"):
-        value = _text(event.get(key))
-        if value and value.lower().startswith("urn:spo:anon"):
-            return ACTOR_ANONYMOUS  # someone who opened an "anyone with the link" link
-    user_type = event.get("UserType")
-    if _is_int(user_type):
-        return _USER_TYPES.get(int(user_type))
-    return None
+    """Who acted in a Management API record: a person, a sharing link, an app or the system.
+
+    Sharing links and service identities are recognised by UserId/UserKey whatever UserType
+    says; otherwise UserType decides (None when absent or not a value the schema lists).
+    """
+    user_id = (_text(event.get("UserId")) or "").lower()
+    user_key = (_text(event.get("UserKey")) or "").lower()
+    if user_id.startswith("urn:spo:anon") or user_key.startswith("urn:spo:anon"):
+        return ACTOR_ANONYMOUS  # someone who opened an "anyone with the link" link
+    if (
+        user_id in _APPLICATION_IDS
+        or user_id.startswith(_APPLICATION_ID_PREFIXES)
+        or user_key.startswith(_APPLICATION_KEY_PREFIXES)
+    ):
+        return ACTOR_APPLICATION
+    if user_id in _SYSTEM_IDS or user_id.startswith(_SYSTEM_ID_PREFIXES) or is_nil_id(user_id):
+        return ACTOR_SYSTEM
+    return _USER_TYPES.get(_user_type_number(event.get("UserType")))
+
+
+def _user_type_number(value: Any) -> int:
+    """UserType as its number: an int, its digits as text, or its member name; else -1."""
+    if _is_int(value):
+        return int(value)
+    text = _text(value)
+    if text is None:
+        return -1
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return _USER_TYPE_NAMES.get(text.lower(), -1)
 
 
 def management_activity(event: Any, content_type: str) -> Activity | None:
@@ -230,6 +288,45 @@ def management_activity(event: Any, content_type: str) -> Activity | None:
         raw=raw_json(event),
         actor_type=management_actor_type(event),
     )
+
+
+# --- actors named only by sign-in name -----------------------------------------------------
+
+
+@dataclass
+class DirectoryLookup:
+    """What the directory said about sign-in names (or email addresses) that audit events
+    name their actors by, keyed by the names exactly as they were asked."""
+
+    found: dict[str, Account] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # no directory account has that name
+    failed: dict[str, str] = field(default_factory=dict)  # not answered this time: why
+
+
+def sign_in_name_filter(name: str) -> str:
+    """The Graph /users $filter for an account whose sign-in name or mail is ``name`` (Graph
+    compares both without regard to case); a quote is doubled inside the OData literal."""
+    literal = name.replace("'", "''")
+    return f"userPrincipalName eq '{literal}' or mail eq '{literal}'"
+
+
+def pick_directory_user(name: str, users: list[Any]) -> dict[str, Any] | None:
+    """Of the users a sign-in-name filter returned, the one ``name`` names: a sign-in name
+    match before a mail match (a mail can equal another account's UPN), then by id."""
+    wanted = name.casefold()
+    candidates = [
+        u for u in users if isinstance(u, dict) and isinstance(u.get("id"), str) and u["id"]
+    ]
+
+    def rank(user: dict[str, Any]) -> tuple[int, str]:
+        upn, mail = user.get("userPrincipalName"), user.get("mail")
+        if isinstance(upn, str) and upn.casefold() == wanted:
+            return 0, user["id"]
+        if isinstance(mail, str) and mail.casefold() == wanted:
+            return 1, user["id"]
+        return 2, user["id"]  # Graph matched it by its own rules of case
+
+    return min(candidates, key=rank, default=None)
 
 
 # --- helpers ------------------------------------------------------------------------------

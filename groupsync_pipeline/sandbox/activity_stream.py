@@ -21,7 +21,16 @@ Shape of a simulated day (UTC):
     sign in) and outside people (plain ``someone@partner.example`` addresses) open shared
     files on ``/sites/ExternalPartners``;
   - ``executive_burst``: once a day, at an hour from :meth:`ActivityStream.burst_hour`, one
-    executive downloads dozens of files within 45 minutes.
+    executive downloads dozens of files within 45 minutes;
+  - ``service_accounts``: every working hour (8-17 h) SharePoint's search crawler
+    (``app@sharepoint``) reads one or two files, and at 3, 9, 15 and 21 h ``SHAREPOINT\\system``
+    modifies one; both with ``UserType`` 0, as SharePoint records them;
+  - ``quiet_actors``: at 10 and 15 h a guest who never signs in (``pools()["quiet_guests"]``,
+    named by a lower-case ``#ext#`` UPN like every guest in file events) and a member who
+    never signs in and is in neither HR, Executives nor an administrator role
+    (``pools()["quiet_members"]``) each open a file;
+  - ``system_actions``: at 3 h Entra ID changes a user by itself: a directory audit whose
+    initiating user is the all-zero id.
 
 Events become visible (served by the APIs) a few minutes after they happen; a small
 fraction is late (20-50 minutes). Tests inject exact events with ``add_sign_in``,
@@ -99,6 +108,17 @@ HR_DOCUMENTS = "hr_documents"
 ADMIN_ABROAD = "admin_abroad"
 EXTERNAL_ACCESS = "external_access"
 EXECUTIVE_BURST = "executive_burst"
+SERVICE_ACCOUNTS = "service_accounts"
+QUIET_ACTORS = "quiet_actors"
+SYSTEM_ACTIONS = "system_actions"
+QUIET_HOURS = (10, 15)
+SYSTEM_HOUR = 3
+NIL_ID = "00000000-0000-0000-0000-000000000000"  # Entra ID's "user" for its own actions
+# Service identities in SharePoint records: UserId -> UserKey (UserType is 0 for both).
+SERVICE_IDENTITIES = {
+    "app@sharepoint": "i:0i.t|00000003-0000-0ff1-ce00-000000000000|app@sharepoint",
+    "SHAREPOINT\\system": "SHAREPOINT\\system",
+}
 HR_HOURS = (9, 11, 14, 16)
 HR_FILES = (
     "Salary bands 2026.xlsx",
@@ -413,12 +433,26 @@ class ActivityStream:
             helpdesk = sorted(
                 set(org.admin_user_ids()) - set(admins)
             )  # via the role-assignable group
+            guests = [u.id for u in seeded if u.user_type == "Guest"]
+            role_holders = set(org.admin_user_ids())
+            # Who never signs in: the last guest, and the first enabled member with a mailbox
+            # outside HR, Executives and the administrators (the groups tests import).
+            quiet_members = [
+                u
+                for u in members
+                if everyone[u].department not in ("HR", "Executives")
+                and u not in role_holders
+                and everyone[u].mail
+                and everyone[u].account_enabled
+            ][:1]
             self._pools = {
                 "members": members or [u.id for u in seeded],
                 "hr": [u for u in members if everyone[u].department == "HR"] or members[:1],
                 "executives": [u for u in members if everyone[u].department == "Executives"]
                 or members[:1],
-                "guests": [u.id for u in seeded if u.user_type == "Guest"] or members[:1],
+                "guests": guests[:-1] or members[:1],
+                "quiet_guests": guests[-1:],
+                "quiet_members": quiet_members,
                 "admins": admins or members[:1],
                 "helpdesk": helpdesk or admins or members[:1],
             }
@@ -464,14 +498,26 @@ class ActivityStream:
 
     def _generate(self, h: int) -> list[ActivityEvent]:
         rng = random.Random(f"{self.seed}:activity:{h}")
-        rand, bits = rng.random, rng.getrandbits
+        rand = rng.random
         base = h * HOUR
         events: list[ActivityEvent] = []
         n = int(self.rate * _rhythm(h) * (0.9 + 0.2 * rand()))
 
-        def add(kind: str, at: float, story: str | None = None, **params: Any) -> ActivityEvent:
+        def add(
+            kind: str,
+            at: float,
+            story: str | None = None,
+            _rng: random.Random = rng,
+            **params: Any,
+        ) -> ActivityEvent:
             event = ActivityEvent(
-                kind, at, at + self._latency(kind, rand), _uuid(bits(128)), bits(64), story, params
+                kind,
+                at,
+                at + self._latency(kind, _rng.random),
+                _uuid(_rng.getrandbits(128)),
+                _rng.getrandbits(64),
+                story,
+                params,
             )
             events.append(event)
             return event
@@ -559,6 +605,54 @@ class ActivityStream:
                     ip=ip,
                     file_name=EXEC_FILES[i % len(EXEC_FILES)].format(n=i + 1),
                 )
+        # Stories added later draw from their own generator: the events above stay as they were.
+        actors = random.Random(f"{self.seed}:actors:{h}")
+        draw = actors.random
+        if 8 <= hod < 18:
+            for _ in range(1 + int(draw() * 2)):
+                add(
+                    FILE,
+                    base + draw() * HOUR,
+                    SERVICE_ACCOUNTS,
+                    actors,
+                    actor="app@sharepoint",
+                    operation="FileAccessed",
+                    site=_DEPT_SITES[int(draw() * len(_DEPT_SITES))],
+                )
+        if hod % 6 == 3:
+            add(
+                FILE,
+                base + draw() * HOUR,
+                SERVICE_ACCOUNTS,
+                actors,
+                actor="SHAREPOINT\\system",
+                operation="FileModified",
+                site=_DEPT_SITES[int(draw() * len(_DEPT_SITES))],
+            )
+        if hod in QUIET_HOURS:
+            for member in pools["quiet_members"]:
+                at = base + draw() * HOUR
+                add(FILE, at, QUIET_ACTORS, actors, actor=member, operation="FileAccessed")
+            for guest in pools["quiet_guests"]:
+                add(
+                    FILE,
+                    base + draw() * HOUR,
+                    QUIET_ACTORS,
+                    actors,
+                    actor=guest,
+                    operation="FilePreviewed",
+                    site="ExternalPartners",
+                    file_name=SHARED_FILES[int(draw() * len(SHARED_FILES))],
+                )
+        if hod == SYSTEM_HOUR:
+            add(
+                DIRECTORY_AUDIT,
+                base + draw() * HOUR,
+                SYSTEM_ACTIONS,
+                actors,
+                system=True,
+                activity="Update StsRefreshTokenValidFrom Timestamp",
+            )
         events.sort(key=lambda e: (e.at, e.id))
         return events
 
@@ -686,12 +780,16 @@ class ActivityStream:
         ip: str | None = None,
         app: str | None = None,
         result: str = "success",
+        system: bool = False,
         visible_at: float | dt.datetime | None = None,
     ) -> str:
-        """Inject a directory audit by user ``actor`` (or by service principal ``app`` name
-        when ``actor`` is None); returns the Graph directoryAudit id."""
+        """Inject a directory audit by user ``actor`` (or, when ``actor`` is None, by service
+        principal ``app`` name, or by Entra ID itself with ``system``: the all-zero initiator
+        id); returns the Graph directoryAudit id."""
         params: dict[str, Any] = {"activity": activity, "result": result}
-        if actor is not None:
+        if system:
+            params["system"] = True
+        elif actor is not None:
             found = self._find_user(actor)
             if found is None:
                 raise KeyError(f"no user {actor!r}")
@@ -780,7 +878,13 @@ class ActivityStream:
         d["user_agent"] = p.get("user_agent", d["user_agent"])
         d["correlation_id"] = _uuid(rng.getrandbits(128))
         if event.kind == SIGN_IN:
-            uid = p.get("user_id") or pools["members"][int(rand() * len(pools["members"]))]
+            uid = p.get("user_id")
+            if uid is None:
+                members = pools["members"]
+                index = int(rand() * len(members))
+                uid = members[index]
+                if uid in pools["quiet_members"]:  # never signs in: the next one does
+                    uid = members[(index + 1) % len(members)]
             user = self.user(uid)
             is_admin = bool(p.get("admin")) or uid in pools["admins"]
             country = p.get("country")
@@ -829,7 +933,8 @@ class ActivityStream:
         elif event.kind == DIRECTORY_AUDIT:
             app_name = p.get("app")
             actor = p.get("actor")
-            if actor is None and app_name is None:
+            system = bool(p.get("system"))
+            if actor is None and app_name is None and not system:
                 if rand() < 0.25:
                     app_name = "HR Sync Connector"
                 else:
@@ -866,6 +971,7 @@ class ActivityStream:
                 actor=self.user(actor) if actor else None,
                 actor_id=actor,
                 app_name=app_name,
+                system=system,
                 service_principal=sp,
                 activity=activity,
                 target_user=target_user,
@@ -906,7 +1012,8 @@ class ActivityStream:
                 f"{_DOC_WORDS[int(rand() * len(_DOC_WORDS))]} {1 + int(rand() * 40)}."
                 f"{_DOC_EXT[int(rand() * len(_DOC_EXT))]}"
             )
-            external = (
+            service = actor in SERVICE_IDENTITIES
+            external = not service and (
                 user is None
                 or user.user_type == "Guest"
                 or "#EXT#" in (user.user_principal_name if user else "")
@@ -922,6 +1029,7 @@ class ActivityStream:
                 file_name=file_name,
                 ip=p.get("ip") or self._client_ip(country, rng),
                 external=external,
+                service=service,
                 site_guid=_uuid(int(hashlib.md5(site_url.encode()).hexdigest(), 16)),
                 item_guid=_uuid(int(hashlib.md5((site_url + file_name).encode()).hexdigest(), 16)),
             )
@@ -1045,6 +1153,19 @@ class ActivityStream:
                     "servicePrincipalName": None,
                 },
             }
+        elif d["system"]:
+            initiated = {
+                "user": {
+                    "id": NIL_ID,
+                    "displayName": None,
+                    "userPrincipalName": None,
+                    "ipAddress": None,
+                    "userType": None,
+                    "homeTenantId": None,
+                    "homeTenantName": None,
+                },
+                "app": None,
+            }
         else:
             initiated = {
                 "user": {
@@ -1121,7 +1242,9 @@ class ActivityStream:
             "initiatedBy": initiated,
             "targetResources": targets,
             "additionalDetails": (
-                [{"key": "User-Agent", "value": d["user_agent"]}] if not d["app_name"] else []
+                [{"key": "User-Agent", "value": d["user_agent"]}]
+                if not d["app_name"] and not d["system"]
+                else []
             ),
         }
 
@@ -1183,23 +1306,26 @@ class ActivityStream:
         if event.kind == DIRECTORY_AUDIT:
             graph = self.graph_directory_audit(event)
             actor = d["actor"]
-            by_app = bool(d["app_name"])
+            by_app, by_system = bool(d["app_name"]), d["system"]
             actor_upn = actor.user_principal_name.lower() if actor else ""
             targets = graph["targetResources"]
+            if by_system:
+                user_key, user_type = NIL_ID, 4
+            elif by_app:
+                sp = d["service_principal"]
+                user_key, user_type = (sp.properties.get("appId", "") if sp else ""), 5
+            else:
+                user_key, user_type = f"{d['actor_id']}", 2
             return {
                 **base,
                 "Operation": graph["activityDisplayName"] + ".",
                 "RecordType": 8,
                 "ResultStatus": "Success" if graph["result"] == "success" else "Failure",
-                "UserKey": (
-                    d["service_principal"].properties.get("appId", "")
-                    if by_app and d["service_principal"]
-                    else f"{d['actor_id']}"
-                ),
-                "UserType": 5 if by_app else 2,
+                "UserKey": user_key,
+                "UserType": user_type,
                 "Version": 1,
                 "Workload": "AzureActiveDirectory",
-                "ClientIP": "" if by_app else d["ip"],
+                "ClientIP": "" if by_app or by_system else d["ip"],
                 "ObjectId": targets[-1].get("userPrincipalName") or targets[-1]["id"]
                 if targets
                 else "",
@@ -1225,6 +1351,8 @@ class ActivityStream:
                 "Actor": (
                     [{"ID": d["app_name"], "Type": 1}]
                     if by_app
+                    else [{"ID": NIL_ID, "Type": 2}]
+                    if by_system
                     else [{"ID": actor_upn, "Type": 5}, {"ID": d["actor_id"], "Type": 2}]
                 ),
                 "ActorContextId": tenant,
@@ -1236,22 +1364,30 @@ class ActivityStream:
             }
         if event.kind == FILE:
             user = d["user"]
-            user_id = (
-                user.user_principal_name.lower() if user is not None else str(d["actor"]).lower()
-            )
+            # SharePoint names people by their UPN in lower case (guests: "#ext#"); service
+            # identities as they are.
+            if d["service"]:
+                user_id = str(d["actor"])
+                user_key = SERVICE_IDENTITIES[user_id]
+            else:
+                user_id = (
+                    user.user_principal_name.lower()
+                    if user is not None
+                    else str(d["actor"]).lower()
+                )
+                user_key = (
+                    f"i:0h.f|membership|{user.id}@live.com"
+                    if user is not None and not d["external"]
+                    else f"urn:spo:guest#{user_id}"
+                )
             file_name = d["file_name"]
             ext = file_name.rsplit(".", 1)[-1] if "." in file_name else ""
-            guest_key = f"urn:spo:guest#{user_id}"
             return {
                 **base,
                 "Operation": d["operation"],
                 "RecordType": 6,
                 "ResultStatus": "Succeeded",
-                "UserKey": (
-                    f"i:0h.f|membership|{user.id}@live.com"
-                    if user is not None and not d["external"]
-                    else guest_key
-                ),
+                "UserKey": user_key,
                 "UserType": 0,
                 "Version": 1,
                 "Workload": "OneDrive" if d["onedrive"] else "SharePoint",

@@ -406,6 +406,9 @@ class Organisation:
     _sorted_members: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     # Stable position of every group ever seen (deleted ones keep theirs): delta paging order.
     _ordinals: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    # Users by case-folded sign-in name and mail, and the (version, user count) it was built at.
+    _by_sign_in: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    _by_sign_in_at: tuple[int, int] = field(default=(-1, -1), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for gid in self.groups:
@@ -419,6 +422,20 @@ class Organisation:
             self._by_name = {g.display_name: g.id for g in self.groups.values()}
             gid = self._by_name[name]
         return self.groups[gid]
+
+    def users_named(self, name: str) -> list[str]:
+        """Ids of the users whose sign-in name or mail is ``name``, compared case-folded (as
+        directory eq compares them); the index is rebuilt whenever the directory changed."""
+        with self.lock:
+            at = (self.version, len(self.users))
+            if self._by_sign_in_at != at:
+                index: dict[str, list[str]] = {}
+                for user in self.users.values():
+                    for key in {user.user_principal_name.casefold(), (user.mail or "").casefold()}:
+                        if key:
+                            index.setdefault(key, []).append(user.id)
+                self._by_sign_in, self._by_sign_in_at = index, at
+            return list(self._by_sign_in.get(name.casefold(), []))
 
     def invalidate_cache(self) -> None:
         """Forget cached transitive memberships; call after editing ``Group.members``."""

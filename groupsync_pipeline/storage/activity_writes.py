@@ -5,10 +5,16 @@ merges in one transaction: events already stored are dropped on (connection, sou
 actors are resolved to accounts, the automatic groups are brought up to date, and only then
 are the new activities tagged, so an activity is tagged with the groups as they stood when it
 arrived, once.
+
+Actors named only by a sign-in name (file events) are resolved from what the warehouse knows
+(``unknown_actor_names`` tells the ingest which names it does not); the ingest looks those up
+in the app's directory before the merge, never inside it, and hands the answer over as an
+``ActorLookup``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from groupsync_pipeline.config import Connection
-from groupsync_pipeline.connectors.base import Account, Activity
+from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
 from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
 from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import (
@@ -87,6 +93,23 @@ class ActivityStaging:
         self._conn.unregister("chunk")
         self._buffer = []
 
+    def actor_names(self) -> list[str]:
+        """Sign-in names (lower case) of people in the staged events that name no account and
+        whose name no staged event pairs with an account id: what the warehouse may not know."""
+        self.flush()
+        rows = self._conn.execute(
+            """
+            SELECT DISTINCT lower(actor_email) AS name FROM staged_activities
+            WHERE actor_account_id IS NULL AND actor_email IS NOT NULL
+              AND coalesce(actor_type, 'user') = 'user'
+            EXCEPT
+            SELECT lower(actor_email) FROM staged_activities
+            WHERE actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+            ORDER BY name
+            """
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def discard(self, source: str) -> None:
         """Forget what was staged from one source (its read failed part way)."""
         self.flush()
@@ -115,11 +138,30 @@ class SourceRead:
     gap_before: datetime | None = None  # the app no longer had events back to the last read
 
 
+@dataclass(frozen=True)
+class ActorLookup:
+    """What the app's directory said about the sign-in names this ingest did not know.
+
+    ``accounts``: directory accounts found by sign-in name or email; ``absent``: names (lower
+    case) no directory account has: only these may become outside people's accounts.
+    """
+
+    accounts: Sequence[Account] = ()
+    absent: frozenset[str] = frozenset()
+    asked: int = 0  # names looked up
+
+
+class DuplicateActivityError(ConnectorError):
+    """The merge would store an event twice: nothing is written. A ConnectorError: it is
+    what the app sent that breaks the rule, so that connection fails and the others go on."""
+
+
 @dataclass
 class ActivityMergeResult:
     received: int = 0  # staged events, repeats included
     new: int = 0  # stored for the first time
     resolved_actors: int = 0  # new activities whose account was found from a name or email
+    unresolved_actors: int = 0  # new activities by a named person whose account is unknown
     located: int = 0  # new activities given the country of a sign-in from the same address
     external_joined: int = 0
     admins_joined: int = 0
@@ -155,16 +197,17 @@ def ensure_automatic_groups(
     return {kind: group_id for kind, (group_id, _) in groups.items()}
 
 
-def _load_admins(conn: duckdb.DuckDBPyConnection, admins: list[Account]) -> None:
-    frame = pd.DataFrame.from_records(admins, columns=Account._fields).astype(
+def _load_accounts(conn: duckdb.DuckDBPyConnection, accounts: list[Account]) -> None:
+    """The temp table ``incoming`` that upsert_incoming_accounts reads, one row per account."""
+    frame = pd.DataFrame.from_records(accounts, columns=Account._fields).astype(
         {"is_external": "bool", "enabled": "boolean", "account_id": "str"}
     )
-    conn.register("admins_frame", frame)
+    conn.register("accounts_frame", frame)
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE incoming AS "
-        "SELECT DISTINCT ON (account_id) * FROM admins_frame"
+        "SELECT DISTINCT ON (account_id) * FROM accounts_frame"
     )
-    conn.unregister("admins_frame")
+    conn.unregister("accounts_frame")
 
 
 def merge_activities(
@@ -177,14 +220,18 @@ def merge_activities(
     admins: list[Account] | None,
     now: datetime,
     errors: dict[str, str] | None = None,
+    actor_lookup: ActorLookup | None = None,
 ) -> ActivityMergeResult:
     """Store the staged events not stored yet, update automatic groups, tag the new ones.
 
     Runs inside the caller's transaction. ``admins`` None: the admin list could not be read,
     so the administrators group is left as it was. ``verified_domains`` None or empty: only
     guests and #EXT# accounts count as external. ``errors``: what could not be read this time
-    ({source or "administrators" / "domains": error}), recorded in activity_sources_state
-    without moving its watermark; a source read successfully has its error cleared.
+    ({source or "administrators" / "domains" / "users": error}), recorded in
+    activity_sources_state without moving its watermark; a source read successfully has its
+    error cleared. ``actor_lookup``: the directory's answer for the names the warehouse did
+    not know; None when it could not be asked, so those names stay without an account.
+    Raises DuplicateActivityError rather than store an event twice.
     """
     staging.close()
     result = ActivityMergeResult()
@@ -192,7 +239,7 @@ def merge_activities(
     groups = ensure_automatic_groups(conn, connection, now)
 
     if admins is not None and "administrators" in groups:
-        _load_admins(conn, admins)
+        _load_accounts(conn, admins)
         # Role listings carry few properties: never blank what a full user read stored.
         upsert_incoming_accounts(conn, connection.name, now, keep_known=True)
         result.admins_joined, result.admins_left = replace_current_members(
@@ -203,6 +250,10 @@ def merge_activities(
             "UPDATE user_groups SET last_synced_at = ? WHERE group_id = ?",
             [now, groups["administrators"]],
         )
+    if actor_lookup is not None and actor_lookup.accounts:
+        _load_accounts(conn, list(actor_lookup.accounts))
+        upsert_incoming_accounts(conn, connection.name, now)
+        conn.execute("DROP TABLE incoming")
 
     quoted = str(staging.path).replace("'", "''")
     conn.execute(f"ATTACH '{quoted}' AS activity_staging (READ_ONLY)")
@@ -237,8 +288,20 @@ def merge_activities(
         result.resolved_actors = _resolve_actors(conn, connection.name, now)
         result.located = _locate_from_sign_ins(conn, connection.name, earliest)
         result.external_joined = _join_external(
-            conn, connection.name, groups["external"], verified_domains or [], now
+            conn,
+            connection.name,
+            groups["external"],
+            verified_domains or [],
+            sorted(actor_lookup.absent) if actor_lookup is not None else [],
+            now,
         )
+        result.unresolved_actors = conn.execute(
+            """
+            SELECT count(*) FROM incoming_activities
+            WHERE actor_account_id IS NULL AND actor_email IS NOT NULL
+              AND coalesce(actor_type, 'user') = 'user'
+            """
+        ).fetchall()[0][0]
         result.new = conn.execute(
             """
             INSERT INTO activities BY NAME
@@ -252,6 +315,7 @@ def merge_activities(
             """,
             {"connection": connection.name, "app": connection.app, "now": now},
         ).fetchall()[0][0]
+        _refuse_repeats(conn, connection.name, earliest)
         result.new_by_source = dict(
             conn.execute(
                 "SELECT source, count(*) FROM incoming_activities GROUP BY source"
@@ -295,7 +359,17 @@ def merge_activities(
                 "gap": read.gap_before,
             },
         )
-    _record_reads_besides_logs(conn, connection.name, errors or {}, admins, verified_domains, now)
+    _record_reads_besides_logs(
+        conn,
+        connection.name,
+        errors or {},
+        {
+            "administrators": None if admins is None else len(admins),
+            "domains": None if verified_domains is None else len(verified_domains),
+            "users": None if actor_lookup is None else actor_lookup.asked,
+        },
+        now,
+    )
     conn.execute(
         """
         UPDATE user_groups SET member_count = (
@@ -309,50 +383,85 @@ def merge_activities(
     return result
 
 
+# Accounts groupsync made for outside people seen only in audit logs (no directory account).
+_MADE_UP = "(user_type = 'External' AND user_principal_name IS NULL)"
+# Who a lower-case sign-in name (or email) in the table ``wanted`` is, best first: 1 an
+# account's sign-in name, 2 its email, (3: a pairing of name and id in the batch itself), 4 the
+# id the app paired with that name in a stored sign-in of the last 30 days (Graph's own
+# retention), 5 an account made for an outside person. A guest's sign-in name (#EXT#) always
+# belongs to a directory account: an account an older release made up for one is not used.
+_KNOWN_NAMES = f"""
+    SELECT lower(user_principal_name) AS name, account_id, 1 AS rank FROM accounts
+    WHERE connection = $connection AND user_principal_name IS NOT NULL
+      AND lower(user_principal_name) IN (SELECT name FROM wanted)
+    UNION ALL
+    SELECT lower(email), account_id, CASE WHEN {_MADE_UP} THEN 5 ELSE 2 END FROM accounts
+    WHERE connection = $connection AND email IS NOT NULL
+      AND lower(email) IN (SELECT name FROM wanted)
+      AND NOT ({_MADE_UP} AND contains(lower(email), '#ext#'))
+    UNION ALL
+    SELECT lower(actor_email), actor_account_id, 4 FROM activities
+    WHERE connection = $connection AND source = 'signIns' AND occurred_at >= $since
+      AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+      AND lower(actor_email) IN (SELECT name FROM wanted)
+"""
+SIGN_IN_PAIRING_WINDOW = timedelta(days=30)
+
+
+def unknown_actor_names(
+    conn: duckdb.DuckDBPyConnection, connection: str, names: list[str], now: datetime
+) -> list[str]:
+    """Of these lower-case sign-in names, those the warehouse cannot tie to an account: the
+    ones to look up in the app's directory (before the merge: never network I/O inside it)."""
+    if not names:
+        return []
+    rows = conn.execute(
+        f"""
+        WITH wanted AS (SELECT DISTINCT unnest($names::VARCHAR[]) AS name)
+        SELECT name FROM wanted
+        EXCEPT
+        SELECT name FROM ({_KNOWN_NAMES})
+        ORDER BY name
+        """,
+        {"connection": connection, "names": names, "since": now - SIGN_IN_PAIRING_WINDOW},
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
 def _resolve_actors(conn: duckdb.DuckDBPyConnection, connection: str, now: datetime) -> int:
     """Fill in the account of events that name their actor only by sign-in name or email.
 
-    File events (Management Activity API) carry the user's sign-in name, not the directory id.
-    Known accounts match on sign-in name or email; otherwise an id the app itself paired with
-    that name in a sign-in wins. Outside people who have no account in the directory (a
-    shared link opened by someone@partner.example) get an account keyed by their lower-case
-    email, so they can be members of the External group.
+    File events (Management Activity API) carry the person's sign-in name, not the directory
+    id: it is matched case-insensitively (see ``_KNOWN_NAMES``; the directory accounts the
+    ingest looked up are stored by now). Applications, the system and sharing links are never
+    matched to a person.
     """
     conn.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP TABLE actor_names AS
         WITH wanted AS (
             SELECT DISTINCT lower(actor_email) AS name FROM incoming_activities
             WHERE actor_account_id IS NULL AND actor_email IS NOT NULL
+              AND coalesce(actor_type, 'user') = 'user'
         ),
         known AS (
-            SELECT lower(user_principal_name) AS name, account_id, 1 AS rank
-            FROM accounts WHERE connection = $connection AND user_principal_name IS NOT NULL
-            UNION ALL
-            SELECT lower(email), account_id, 2 FROM accounts
-            WHERE connection = $connection AND email IS NOT NULL
+            {_KNOWN_NAMES}
             UNION ALL
             SELECT lower(actor_email), actor_account_id, 3 FROM incoming_activities
             WHERE actor_account_id IS NOT NULL AND actor_email IS NOT NULL
-            UNION ALL
-            SELECT lower(actor_email), actor_account_id, 4 FROM activities
-            WHERE connection = $connection AND source = 'signIns'
-              AND occurred_at >= $since
-              AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
-              AND lower(actor_email) IN (SELECT name FROM wanted)
         )
         SELECT k.name, arg_min(k.account_id, k.rank) AS account_id
         FROM known AS k JOIN wanted AS w ON w.name = k.name
         GROUP BY k.name
         """,
-        # Stored sign-ins of the last 30 days (Graph's own retention) pair names with ids.
-        {"connection": connection, "since": now - timedelta(days=30)},
+        {"connection": connection, "since": now - SIGN_IN_PAIRING_WINDOW},
     )
     resolved = conn.execute(
         """
         UPDATE incoming_activities AS i SET actor_account_id = n.account_id
         FROM actor_names AS n
-        WHERE i.actor_account_id IS NULL AND lower(i.actor_email) = n.name
+        WHERE i.actor_account_id IS NULL AND coalesce(i.actor_type, 'user') = 'user'
+          AND lower(i.actor_email) = n.name
         """
     ).fetchall()[0][0]
     conn.execute("DROP TABLE actor_names")
@@ -364,12 +473,16 @@ def _join_external(
     connection: str,
     group_id: str,
     verified_domains: list[str],
+    not_in_directory: list[str],
     now: datetime,
 ) -> int:
     """Put the outside people acting in these events into the External group.
 
-    External: an account marked external (guest, #EXT#), a sign-in name carrying #EXT#, or an
-    email whose domain is not one of the organisation's verified domains. The membership
+    External: an account marked external (guest, #EXT#), a sign-in name carrying #EXT#, an
+    "anyone with the link" visitor, or an email whose domain is not one of the organisation's
+    verified domains; never an application or the system. A person with no account gets one,
+    keyed by their lower-case email, only when the directory said it has nobody by that name
+    (``not_in_directory``) or for a sharing link; others stay without one. The membership
     starts at the person's earliest new activity (not before the group existed) and never
     ends: having acted from outside is a fact about the past.
     """
@@ -383,8 +496,11 @@ def _join_external(
         FROM incoming_activities AS i
         LEFT JOIN accounts AS a
           ON a.connection = $connection AND a.account_id = i.actor_account_id
-        WHERE coalesce(i.actor_account_id, i.actor_email) IS NOT NULL
-          AND coalesce(i.actor_type, 'user') NOT IN ('application', 'system')
+        WHERE coalesce(i.actor_type, 'user') NOT IN ('application', 'system')
+          AND (i.actor_account_id IS NOT NULL
+               OR (i.actor_email IS NOT NULL
+                   AND (i.actor_type = 'anonymous'
+                        OR lower(i.actor_email) IN (SELECT unnest($absent::VARCHAR[])))))
           AND (
             i.actor_type = 'anonymous'
             OR coalesce(a.is_external, false)
@@ -395,7 +511,11 @@ def _join_external(
           )
         GROUP BY 1
         """,
-        {"connection": connection, "domains": verified_domains},
+        {
+            "connection": connection,
+            "domains": verified_domains,
+            "absent": not_in_directory,
+        },
     )
     # Outside people with no directory account: keyed by email from now on.
     conn.execute(
@@ -413,6 +533,7 @@ def _join_external(
         """
         UPDATE incoming_activities SET actor_account_id = lower(actor_email)
         WHERE actor_account_id IS NULL
+          AND coalesce(actor_type, 'user') NOT IN ('application', 'system')
           AND lower(actor_email) IN (SELECT account_id FROM external_actors WHERE email_only)
         """
     )
@@ -433,6 +554,36 @@ def _join_external(
             "UPDATE user_groups SET last_synced_at = ? WHERE group_id = ?", [now, group_id]
         )
     return int(joined)
+
+
+# The dedupe above expects a repeat to carry the stored event's time, so it looks back only
+# to the batch's earliest event. The key check does not rely on that: any new event whose key
+# is stored twice within this span fails the merge. The span is twice the longest retention
+# of an audit log (30 days): no app can hand over an event again after that.
+REPEAT_CHECK_SPAN = timedelta(days=60)
+
+
+def _refuse_repeats(conn: duckdb.DuckDBPyConnection, connection: str, earliest: datetime) -> None:
+    """The uniqueness of (connection, id space, event_id), checked for the events just stored
+    (a unique index costs far more: see README); raises DuplicateActivityError."""
+    repeats = conn.execute(
+        f"""
+        SELECT i.source, i.event_id FROM incoming_activities AS i
+        JOIN activities AS e
+          ON e.connection = $connection AND e.occurred_at >= $since
+         AND e.event_id = i.event_id AND {_ID_SPACE.format(t="e")} = {_ID_SPACE.format(t="i")}
+        GROUP BY ALL HAVING count(*) > 1
+        ORDER BY 1, 2 LIMIT 5
+        """,
+        {"connection": connection, "since": earliest - REPEAT_CHECK_SPAN},
+    ).fetchall()
+    if repeats:
+        named = ", ".join(f"{source} {event_id[:80]!r}" for source, event_id in repeats)
+        raise DuplicateActivityError(
+            f"{connection}: refusing to store events already stored ({named}); nothing was "
+            "written. The app sent them again with another time, which the dedupe does not "
+            "expect: please report it."
+        )
 
 
 SIGN_IN_LOCATION_WINDOW = "24 hours"
@@ -478,11 +629,11 @@ def _record_reads_besides_logs(
     conn: duckdb.DuckDBPyConnection,
     connection: str,
     errors: dict[str, str],
-    admins: list[Account] | None,
-    verified_domains: list[str] | None,
+    reads: dict[str, int | None],
     now: datetime,
 ) -> None:
-    """Errors of this ingest, and the success of the admin and domain reads, in the state."""
+    """Errors of this ingest, and the success of the other reads (administrators, domains,
+    the directory lookup of actors' sign-in names: {name: items read, None if not read})."""
     for source, error in errors.items():
         conn.execute(
             """
@@ -493,7 +644,7 @@ def _record_reads_besides_logs(
             """,
             [connection, source, error, now],
         )
-    for source, read in (("administrators", admins), ("domains", verified_domains)):
+    for source, read in reads.items():
         if read is not None and source not in errors:
             conn.execute(
                 """
@@ -504,5 +655,5 @@ def _record_reads_besides_logs(
                     last_read_at = excluded.last_read_at, events_read = excluded.events_read,
                     last_error = NULL, last_error_at = NULL
                 """,
-                [connection, source, now, len(read)],
+                [connection, source, now, read],
             )
