@@ -109,7 +109,7 @@ def _look_up_actors(
         return ActorLookup()
     try:
         # Office 365 only today; a connector without a directory lookup would raise here.
-        found = connector.users_by_sign_in_name(names)  # type: ignore[attr-defined]
+        found = connector.users_by_sign_in_name(names)
     except ConnectorError as exc:
         outcome.errors["users"] = str(exc)
         log(

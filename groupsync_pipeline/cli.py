@@ -426,7 +426,7 @@ def confirm_shrink_command(group: str, connection: str | None, data_dir: Path | 
     group_id, name, before, after, detected = holds[0]
     ControlStore(warehouse.data_dir).confirm_shrink(group_id, getpass.getuser(), before, after)
     click.echo(
-        f"confirmed: {name!r} ({group_id}) may go from {before} to {after} members "
+        f"confirmed: {name!r} ({for_terminal(group_id)}) may go from {before} to {after} members "
         f"(held since {detected:%Y-%m-%d %H:%M} UTC). The next hourly sync applies it; "
         "launch the sync_group_memberships job to apply it now."
     )

@@ -125,6 +125,16 @@ class ActivitySource:
     retention: timedelta  # events older than this cannot be read from the app any more
 
 
+@dataclass
+class DirectoryLookup:
+    """What the directory said about sign-in names (or email addresses) that audit events
+    name their actors by, keyed by the names exactly as they were asked."""
+
+    found: dict[str, Account] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # no directory account has that name
+    failed: dict[str, str] = field(default_factory=dict)  # not answered this time: why
+
+
 ProgressCallback = Callable[[int, int], None]  # (pages fetched, people so far)
 
 
@@ -154,6 +164,10 @@ class Connector(Protocol):
 
     def administrators(self) -> Iterator[Account]:
         """People who hold an administrator role in the app now (groups expanded)."""
+        ...
+
+    def users_by_sign_in_name(self, names: Iterable[str]) -> DirectoryLookup:
+        """Directory accounts of actors that audit events name only by sign-in name or email."""
         ...
 
     def verified_domains(self) -> list[str]:

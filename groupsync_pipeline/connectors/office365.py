@@ -46,6 +46,7 @@ from groupsync_pipeline.connectors.base import (
     ConnectorError,
     DeltaExpiredError,
     DeltaPage,
+    DirectoryLookup,
     GroupChange,
     GroupNotFoundError,
     MemberPage,
@@ -58,7 +59,6 @@ from groupsync_pipeline.connectors.base import (
     close_matches,
 )
 from groupsync_pipeline.connectors.office365_activity import (
-    DirectoryLookup,
     directory_audit_activity,
     management_activity,
     pick_directory_user,

@@ -10,11 +10,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from groupsync_pipeline.connectors.base import Account, Activity
+from groupsync_pipeline.connectors.base import Activity
 
 SIGN_IN_ACTION = "Sign-in"
 UNKNOWN_ACTION = "unknown"  # Activity.action is required; used when the event names none
@@ -291,16 +290,6 @@ def management_activity(event: Any, content_type: str) -> Activity | None:
 
 
 # --- actors named only by sign-in name -----------------------------------------------------
-
-
-@dataclass
-class DirectoryLookup:
-    """What the directory said about sign-in names (or email addresses) that audit events
-    name their actors by, keyed by the names exactly as they were asked."""
-
-    found: dict[str, Account] = field(default_factory=dict)
-    absent: set[str] = field(default_factory=set)  # no directory account has that name
-    failed: dict[str, str] = field(default_factory=dict)  # not answered this time: why
 
 
 def sign_in_name_filter(name: str) -> str:

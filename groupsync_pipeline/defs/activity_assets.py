@@ -1,5 +1,6 @@
 """Assets: audit activities tagged with their actors' groups, and the alerts policies raise."""
 
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -16,6 +17,8 @@ from groupsync_pipeline.defs.isolation import ConnectionFailures
 from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
 from groupsync_pipeline.notifications import SmtpSettings
 from groupsync_pipeline.policies import evaluate_policies, load_policies
+
+ALERT_EMAIL_ROUND_SECONDS = 60.0  # SMTP while holding the warehouse: at most this per run
 
 
 @dg.asset(
@@ -68,6 +71,10 @@ def activities(
         metadata[f"{name} admins joined/left"] = f"+{merge.admins_joined}/-{merge.admins_left}"
         metadata[f"{name} seconds"] = round(outcome.duration_seconds, 2)
         metadata[f"{name} events skipped (no id or time)"] = outcome.skipped
+        metadata[f"{name} actors looked up in the directory"] = dg.MetadataValue.json(
+            outcome.actor_lookup
+        )
+        metadata[f"{name} new activities by an unknown person"] = merge.unresolved_actors
         if outcome.gaps:
             metadata[f"{name} gaps"] = dg.MetadataValue.json(outcome.gaps)
         if outcome.errors:
@@ -120,7 +127,15 @@ def alerts(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> d
     emails = AlertEmailRound()
     if waiting:
         with store.write() as conn:
-            emails = send_pending_alert_emails(conn, policies, smtp, datetime.now(UTC))
+            # The round holds the warehouse: it is bounded as a whole, and what is not sent
+            # by then waits for the next run.
+            emails = send_pending_alert_emails(
+                conn,
+                policies,
+                smtp,
+                datetime.now(UTC),
+                deadline=time.monotonic() + ALERT_EMAIL_ROUND_SECONDS,
+            )
     for outcome in emails.outcomes:
         if outcome.status != "sent":
             context.log.warning(

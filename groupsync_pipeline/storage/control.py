@@ -250,7 +250,7 @@ class ControlStore:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             conn.execute("COMMIT")
 
@@ -478,7 +478,7 @@ class ControlStore:
             )
             return cursor.rowcount == 1
 
-    def mark_failed(self, request_id: int, error: str, *, run_id: str | None) -> bool:
+    def mark_failed(self, request_id: int, error: str, *, run_id: str | None = None) -> bool:
         """Record the failure of an active request owned by ``run_id`` (None: a request whose
         run never existed). False: it had finished, or belongs to another run; unchanged."""
         with self._transaction() as conn:
@@ -653,10 +653,17 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     finally:
         conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: a COMMIT that failed (a full disk) has ended
+    it already, and a second error must not hide the first."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore) -> None:
