@@ -267,7 +267,10 @@ def import_group_command(
 def _follow(ids: list[int], warehouse: Any, timeout: float) -> None:
     from groupsync_pipeline.import_requests import follow_requests
 
-    outcome = follow_requests(ids, warehouse, timeout=timeout, echo=click.echo)
+    # Group names and errors come from the apps: shown neutralized, like every listing.
+    outcome = follow_requests(
+        ids, warehouse, timeout=timeout, echo=lambda line: click.echo(for_terminal(line))
+    )
     if outcome.unfinished:
         click.echo(
             f"gave up waiting after {timeout:.0f} s for request(s) "
@@ -709,12 +712,17 @@ def groups_command(
         for chosen_connection in chosen:
             try:
                 refresh_group_catalog(
-                    chosen_connection, warehouse, log=lambda line: click.echo(line, err=True)
+                    chosen_connection,
+                    warehouse,
+                    log=lambda line: click.echo(for_terminal(line), err=True),
                 )
             except (ConnectorError, ConfigError) as exc:
                 # One connection that cannot be read does not stop the others.
                 failures.append(chosen_connection.name)
-                click.echo(f"{chosen_connection.name}: catalog refresh failed: {exc}", err=True)
+                click.echo(
+                    f"{chosen_connection.name}: catalog refresh failed: {for_terminal(str(exc))}",
+                    err=True,
+                )
     if names is not None and failures:
         names = [name for name in names if name not in failures]
         if not names:

@@ -207,12 +207,13 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
         import_job = defs.resolve_job_def("import_user_group")
         resources = {"warehouse": WarehouseResource(data_dir=str(data_dir))}
 
-        def sensor_context(cursor: str | None = None) -> dg.SensorEvaluationContext:
-            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+        def sensor_context() -> dg.SensorEvaluationContext:
+            context = dg.build_sensor_context(instance=instance, resources=resources)
             context.log.setLevel(logging.WARNING)  # its lines would repeat what the demo prints
             return context
 
-        # Requests from an earlier demo are done, not pending: no cursor is needed to skip them.
+        # The sensor launches the requests not launched yet (those of an earlier demo that was
+        # interrupted are settled or asked again by its later ticks, as under the daemon).
         tick = sensor.evaluate_tick(sensor_context())
         for run_request in tick.run_requests or []:
             result = import_job.execute_in_process(
@@ -231,7 +232,7 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
                 f"(run {result.run_id[:8]}, request {request.request_id})"
             )
         sent_before = len(sink.received)
-        sensor.evaluate_tick(sensor_context(tick.cursor))
+        sensor.evaluate_tick(sensor_context())
         emails = sink.received[sent_before:]
         echo(
             f"\nThe sensor's next tick sent {counted(len(emails), 'completion email')}."

@@ -10,7 +10,6 @@ the parent's request: it is a new request that repeats it (``retry_of``).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +19,9 @@ from groupsync_pipeline.connected_apps import open_connector
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.import_requests import RequestRefusedError, record_checked
 from groupsync_pipeline.imports import ImportOutcome, import_group_members
+from groupsync_pipeline.safe_text import for_terminal
 from groupsync_pipeline.storage.control import (
+    LEGACY_KEY_PREFIX,
     CommittedImport,
     ControlStore,
     ImportRequest,
@@ -34,18 +35,22 @@ REQUEST_KEY_TAG = "groupsync/request_key"  # for the pipeline: unique forever
 CONNECTION_TAG = "groupsync/connection"
 GROUP_TAG = "groupsync/group"
 PROGRESS_EVERY_SECONDS = 1.0  # how often a run writes its progress to the control store
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u061c]")
 
 Log = Callable[[str], None]
 
 
 class RunRefusedError(RuntimeError):
-    """This run must not import anything; the message says why. Nothing was changed."""
+    """This run must not import anything; the message says why. Nothing was imported;
+    ``request`` is the failed request recorded for it, if one was."""
+
+    def __init__(self, message: str, request: ImportRequest | None = None) -> None:
+        super().__init__(message)
+        self.request = request
 
 
 def request_tags(request: ImportRequest) -> dict[str, str]:
     """Run tags that say what an import run does (shown in the Dagster UI's run list)."""
-    name = _UNPRINTABLE.sub(" ", request.group_name or request.group_reference)
+    name = for_terminal(request.group_name or request.group_reference)
     return {
         REQUEST_ID_TAG: str(request.request_id),
         REQUEST_KEY_TAG: request.request_key,
@@ -73,7 +78,7 @@ def claim_request(
     """The request this run carries out: its own (launched by the sensor), or a new one
     recorded with the command line's checks. Raises RunRefusedError when there is none."""
     control = ControlStore(warehouse.data_dir)
-    key = run.tags.get(REQUEST_KEY_TAG)
+    key = run.tags.get(REQUEST_KEY_TAG) or _legacy_key(control, run.tags)
     retry_of: int | None = None
     if key is not None:
         claimed = control.claim(key, run.run_id)
@@ -111,11 +116,23 @@ def claim_request(
         (request_id,) = record_checked([request], warehouse, reimport=True)
     except (RequestRefusedError, ConfigError, ConnectorError) as exc:
         reason = f"notify_email: {exc}" if isinstance(exc, ConfigError) else str(exc)
-        control.add_failed_request(request, reason)
-        raise RunRefusedError(reason) from None
+        failed = control.get(control.add_failed_request(request, reason))
+        raise RunRefusedError(reason, failed) from None
     recorded = control.get(request_id)
     assert recorded is not None
     return recorded
+
+
+def _legacy_key(control: ControlStore, tags: dict[str, str]) -> str | None:
+    """The key of a request recorded before request keys, for a run the previous release's
+    sensor launched for it (tagged with the request id only)."""
+    request_id = tags.get(REQUEST_ID_TAG, "")
+    if not request_id.isdigit():
+        return None
+    request = control.get(int(request_id))
+    if request is None or not request.request_key.startswith(LEGACY_KEY_PREFIX):
+        return None
+    return request.request_key
 
 
 def carry_out(

@@ -8,7 +8,6 @@ are shown by ``investigation.render``, like ``groupsync activities``.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from decimal import Decimal
@@ -21,6 +20,7 @@ import pandas as pd
 
 from groupsync_pipeline.analyst_data import AnalystDataError, analyst_data_path, open_analyst_data
 from groupsync_pipeline.investigation import FORMATS, Found, render
+from groupsync_pipeline.safe_text import for_terminal
 
 TABLE_LIMIT = 1000  # rows a table shows by default; csv and json give every row
 HISTORY_FILE = ".groupsync_sql_history"  # in the home directory, interactive sessions only
@@ -39,7 +39,6 @@ _SILENT = {
     duckdb.StatementType.ATTACH,
     duckdb.StatementType.DETACH,
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 HELP = """\
 End each statement with ';' (it may span lines). Results show as a table; the tables and
@@ -60,7 +59,7 @@ class SqlError(Exception):
 def error_line(exc: BaseException) -> str:
     """DuckDB's message as one printable line, with what to do for what is refused."""
     lines = str(exc).strip().splitlines()
-    text = _CONTROL.sub("?", lines[0] if lines else type(exc).__name__)
+    text = for_terminal(lines[0] if lines else type(exc).__name__)
     if "read-only mode" in text:
         text += " (groupsync sql is read-only: only the pipeline changes the data)"
     elif isinstance(exc, duckdb.PermissionException):
@@ -305,7 +304,7 @@ class Shell:
             except AnalystDataError as exc:  # the session so far stays usable
                 self._error(str(exc))
         else:
-            self._error(f"unknown command {_CONTROL.sub('?', name)} (.help lists the commands)")
+            self._error(f"unknown command {for_terminal(name)} (.help lists the commands)")
         return True
 
 

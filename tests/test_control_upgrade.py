@@ -53,7 +53,10 @@ def test_previous_release_control_store_is_upgraded(tmp_path: Path) -> None:
     )
     assert (second.status, third.status, third.retry_of) == ("failed", "pending", 2)
     keys = {first.request_key, second.request_key, third.request_key}
-    assert len(keys) == 3 and all(len(key) == 32 for key in keys)
+    # Marked as the previous release's (its runs carry the request id only), each unique.
+    assert len(keys) == 3 and all(key.startswith("v1-") and len(key) == 35 for key in keys)
+    # The previous sensor may have launched the pending one: it is not launched again.
+    assert third.launched_at == third.requested_at and first.launched_at is None
     assert store.outbox()[0]["status"] == "sent"
     # The new status works, foreign keys still hold, and a new request gets its own key.
     assert store.cancel(3, "tester").status == "canceled"

@@ -95,7 +95,8 @@ def run_killed_at(
         filters=dg.RunsFilter(tags={REQUEST_KEY_TAG: request.tags[REQUEST_KEY_TAG]})
     )
     assert run.status == dg.DagsterRunStatus.STARTED  # the worker died mid-run
-    instance.report_run_failed(run)  # what run monitoring does for a dead worker
+    # What Dagster does for a dead worker (its code server, or run monitoring's time limit).
+    instance.report_run_failed(run)
     return run
 
 
@@ -362,7 +363,11 @@ def test_launchpad_runs_record_the_group_so_duplicates_are_refused(
         data_dir,
     )
     assert not refused.success
-    assert "at most 1 groups" in (ControlStore(data_dir).recent()[0].error or "")
+    latest = ControlStore(data_dir).recent()[0]
+    assert "at most 1 groups" in (latest.error or "")
+    # The refused run says what it was asked to do, like every import run.
+    tags = instance.get_run_by_id(refused.run_id).tags
+    assert tags[REQUEST_ID_TAG] == str(latest.request_id) and tags[GROUP_TAG] == "Legal"
 
 
 def test_every_import_run_says_what_it_does(
@@ -508,3 +513,51 @@ def test_import_group_wait_gives_up_after_its_timeout(data_dir: Path) -> None:
     assert len(requests_table(data_dir)) == 1  # a bad option records nothing
     code, out = cli("import-group", "--connection", "contoso", "--group", "Legal")
     assert code == 0 and "groupsync requests wait 2" in out
+
+
+def test_following_a_request_shows_hostile_names_and_errors_as_text(data_dir: Path) -> None:
+    from groupsync_pipeline.storage.control import NewRequest
+
+    store = ControlStore(data_dir)
+    evil = "HR\x1b]0;pwned\x07\u202eexe.txt"
+    (request_id,) = store.add_requests([NewRequest("contoso", evil, "g-1", evil, None)])
+    store.mark_failed(request_id, "boom\x1b[2J\nforged line")
+    code, out = cli("requests", "wait", str(request_id), "--timeout", "5s")
+    assert code == 1
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned" in out and "\\u202e" in out and "boom\\x1b[2J\\nforged line" in out
+    assert len(out.strip().splitlines()) == 1  # no forged row
+
+
+def test_the_warehouse_wins_over_a_run_reported_ended_too_early(
+    data_dir: Path, instance: dg.DagsterInstance
+) -> None:
+    """A forced termination marks the run canceled at once while its worker still imports:
+    the request is not settled within the grace period, and if it was marked failed, the
+    run's own commit still makes it done."""
+    from groupsync_pipeline.defs.sensors import SETTLE_GRACE, reconcile
+    from groupsync_pipeline.storage.warehouse import Warehouse
+
+    assert cli("import-group", "--connection", "contoso", "--group", "HR")[0] == 0
+    (request,) = tick(instance, data_dir).run_requests
+    job = defs.resolve_job_def("import_user_group")
+    run = instance.create_run_for_job(job, run_config=request.run_config, tags=request.tags)
+    store = ControlStore(data_dir)
+    claimed = store.claim(request.tags[REQUEST_KEY_TAG], run.run_id)
+    assert claimed is not None
+    instance.report_run_canceled(run)  # forced termination: reported ended at once
+    tick(instance, data_dir)
+    assert requests_table(data_dir)[0][1] == "running"  # within the grace period
+    later = datetime.now(UTC) + SETTLE_GRACE + timedelta(seconds=5)
+    settled, _ = reconcile(instance, store, Warehouse(data_dir), now=later)
+    assert settled == {"done": 0, "failed": 1}
+    # The worker was still alive and commits its import: the warehouse decides.
+    from groupsync_pipeline.config import load_connections
+    from groupsync_pipeline.import_runs import carry_out
+
+    connection = load_connections(os.environ["GROUPSYNC_CONNECTIONS"])[0]
+    failed = store.get(claimed.request_id)
+    assert failed is not None and failed.status == "failed"
+    carry_out(failed, connection, run.run_id, Warehouse(data_dir), log=lambda line: None)
+    assert requests_table(data_dir)[0][1] == "done"
+    assert query(data_dir, "SELECT status FROM import_requests") == [("done",)]

@@ -127,6 +127,8 @@ def _import_one_group(
             warehouse=warehouse.get(),
         )
     except RunRefusedError as exc:
+        if exc.request is not None:  # what the run was asked to do, in the run list too
+            context.instance.add_run_tags(run.run_id, request_tags(exc.request))
         raise dg.Failure(description=str(exc)) from None
     context.instance.add_run_tags(run.run_id, request_tags(request))
     context.log.info(f"import request {request.request_id}")

@@ -13,13 +13,18 @@ from groupsync_pipeline.completion_emails import send_completion_emails
 from groupsync_pipeline.config import ConfigError, env_number
 from groupsync_pipeline.defs.jobs import import_user_group
 from groupsync_pipeline.defs.resources import WarehouseResource
-from groupsync_pipeline.import_runs import REQUEST_KEY_TAG, request_tags
-from groupsync_pipeline.storage.control import ControlStore, ImportRequest, committed_import
+from groupsync_pipeline.import_runs import REQUEST_ID_TAG, REQUEST_KEY_TAG, request_tags
+from groupsync_pipeline.storage.control import (
+    LEGACY_KEY_PREFIX,
+    ControlStore,
+    ImportRequest,
+    committed_import,
+)
 from groupsync_pipeline.storage.warehouse import Warehouse
 
 SENSOR_INTERVAL_SECONDS = 5  # the tick reads a small SQLite file: cheap enough to run often
 LAUNCH_BATCH = 25  # requests launched per tick: a tick stays far inside the 60 s limit
-RECONCILE_BATCH = 50
+RECONCILE_BATCH = 500  # every launched request (active ones are bounded by the group limit)
 EMAIL_BATCH = 10
 EMAIL_TIME_BUDGET = 20.0  # seconds of SMTP per tick before no new email is started
 EMAIL_DELIVERY_DEADLINE = 10.0  # total seconds for one delivery: a tick is killed at 60 s
@@ -28,6 +33,9 @@ EMAIL_DELIVERY_DEADLINE = 10.0  # total seconds for one delivery: a tick is kill
 START_TIMEOUT_ENV = "GROUPSYNC_REQUEST_START_TIMEOUT_MINUTES"
 DEFAULT_START_TIMEOUT = timedelta(minutes=10)
 RELAUNCH_AFTER = timedelta(seconds=60)  # asked again (same run key: never twice) meanwhile
+# A canceled run may still have a live worker (a forced termination marks it canceled at once):
+# its request is settled only this long after the run ended, from the warehouse.
+SETTLE_GRACE = timedelta(seconds=60)
 
 
 def run_key(request: ImportRequest) -> str:
@@ -75,7 +83,22 @@ def _find_run(instance: dg.DagsterInstance, request: ImportRequest) -> dg.Dagste
     runs = instance.get_runs(
         filters=dg.RunsFilter(tags={REQUEST_KEY_TAG: request.request_key}), limit=1
     )
+    if not runs and request.request_key.startswith(LEGACY_KEY_PREFIX):
+        # Launched by the previous release's sensor: its runs carry the request id only.
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(tags={REQUEST_ID_TAG: str(request.request_id)}), limit=1
+        )
     return runs[0] if runs else None
+
+
+def _ended_recently(instance: dg.DagsterInstance, run: dg.DagsterRun, now: datetime) -> bool:
+    """A canceled run that ended less than SETTLE_GRACE ago (a failed or successful run was
+    ended by its own worker, or found dead: nothing more can come from it)."""
+    if run.status != dg.DagsterRunStatus.CANCELED:
+        return False
+    record = instance.get_run_record_by_id(run.run_id)
+    ended = None if record is None else record.end_time
+    return ended is not None and now.timestamp() - ended < SETTLE_GRACE.total_seconds()
 
 
 def _settle_from_warehouse(
@@ -127,7 +150,7 @@ def reconcile(
                     "run was never created, or was deleted)"
                 )
             status = _settle_from_warehouse(control, warehouse, request, error)
-        elif not run.is_finished:
+        elif not run.is_finished or _ended_recently(instance, run, now):
             continue
         else:
             if request.run_id is None:  # ended before it could claim its request

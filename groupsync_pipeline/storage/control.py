@@ -37,6 +37,7 @@ OUTBOX_GIVE_UP = timedelta(days=1)
 # A claim older than this is a sender that died mid-send: the email may be sent again.
 OUTBOX_CLAIM_TIMEOUT = timedelta(minutes=10)
 SCHEMA_VERSION = 2
+LEGACY_KEY_PREFIX = "v1-"  # requests recorded before request keys: their runs carry the id
 
 _REQUESTS_TABLE = """
 CREATE TABLE IF NOT EXISTS import_requests (
@@ -393,7 +394,7 @@ class ControlStore:
             rows = conn.execute(
                 "SELECT * FROM import_requests WHERE status IN ('pending', 'running') "
                 "AND (launched_at IS NOT NULL OR run_id IS NOT NULL) "
-                "ORDER BY request_id LIMIT ?",
+                "ORDER BY coalesce(launched_at, started_at), request_id LIMIT ?",
                 [limit],
             ).fetchall()
         return [ImportRequest.from_row(row) for row in rows]
@@ -453,15 +454,18 @@ class ControlStore:
         remote_group_id: str | None = None,
         group_name: str | None = None,
     ) -> bool:
-        """The import committed (the warehouse says so). False: the request was not running
-        in this run any more, and nothing changed."""
+        """The import committed (the warehouse says so). A request of this run that was marked
+        failed meanwhile (its run was reported ended while the worker still ran, e.g. a forced
+        termination) becomes done too: the warehouse decides. False: the request belongs to
+        another run, or was canceled before this run claimed it; nothing changed."""
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE import_requests SET status = 'done', finished_at = ?, error = NULL, "
                 "remote_group_id = coalesce(?, remote_group_id), "
                 'group_name = coalesce(?, group_name), members = ?, joined = ?, "left" = ?, '
                 "nested_groups = ?, pages = ?, duration_seconds = ? "
-                "WHERE request_id = ? AND status IN ('pending', 'running') AND run_id = ?",
+                "WHERE request_id = ? AND status IN ('pending', 'running', 'failed') "
+                "AND run_id = ?",
                 [
                     _text(outcome.finished_at or _now()),
                     remote_group_id,
@@ -641,9 +645,14 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         if columns and "request_key" not in columns:
             conn.execute(_REQUESTS_TABLE.replace("import_requests", "import_requests_v2"))
             kept = ", ".join(sorted(columns & {f.name for f in fields(ImportRequest)}))
+            # The previous sensor tagged runs with the request id only, and may have launched
+            # any pending request: such requests get a key marked "v1-" (their runs are found
+            # by that id) and count as launched, so they are not launched a second time.
             conn.execute(
-                f"INSERT INTO import_requests_v2 (request_key, {kept}) "
-                f"SELECT lower(hex(randomblob(16))), {kept} FROM import_requests"
+                f"INSERT INTO import_requests_v2 (request_key, launched_at, {kept}) "
+                f"SELECT '{LEGACY_KEY_PREFIX}' || lower(hex(randomblob(16))), "
+                f"CASE WHEN status = 'pending' THEN requested_at END, {kept} "
+                "FROM import_requests"
             )
             conn.execute("DROP TABLE import_requests")
             conn.execute("ALTER TABLE import_requests_v2 RENAME TO import_requests")
@@ -686,7 +695,8 @@ def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore)
             "left" = s."left", nested_groups = s.nested_groups, pages = s.pages,
             duration_seconds = s.duration_seconds
         FROM group_syncs AS s
-        WHERE s.run_id = r.run_id AND s.mode = 'import' AND r.status IN ('pending', 'running')
+        WHERE s.run_id = r.run_id AND s.mode = 'import'
+          AND r.status IN ('pending', 'running', 'failed')
           AND s.group_id = r.connection || ':' || r.remote_group_id
         """
     )
