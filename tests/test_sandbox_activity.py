@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import re
 import ssl
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -688,12 +687,11 @@ def test_app_initiated_audit_injection() -> None:
         t.close()
 
 
-def test_rate_bounds_generation_time() -> None:
+def test_rate_bounds_the_events_of_an_hour() -> None:
+    # How fast an hour is generated is a benchmark's question (bench/), not a test's.
     stream = ActivityStream(GraphSandbox(activity_rate=3000).org)
     hour = int(NOON // 3600) + 500  # not generated before
-    started = time.perf_counter()
     events = stream.hour(hour)
-    assert time.perf_counter() - started < 0.3
     assert 2000 < len(events) < 4500
     assert ActivityStream(stream.org, rate=0).hour(hour) == []
     night = stream.hour(int(NOON // 3600) + 500 - 10)  # 02:00 on a weekday: quiet
