@@ -454,8 +454,11 @@ def render(found: Found, fmt: str, table_columns: tuple[str, ...] | None = None)
 
 
 def footer(found: Found, noun: str, order: str = "newest first") -> str:
-    """One line for people: how many rows were shown and whether more matched."""
+    """One line for people: how many rows were shown and whether more matched (``noun`` is
+    the plural: "activities", "alerts", "groups")."""
     count = len(found.frame)
+    if count == 1:
+        noun = "activity" if noun == "activities" else noun.removesuffix("s")
     if found.more:
         return (
             f"{count} {noun} shown, {order}; more match (--limit 0 shows all, or narrow "

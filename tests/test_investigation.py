@@ -345,7 +345,7 @@ def test_alerts(data_dir: Path) -> None:
     table = run(data_dir, "alerts", "--limit", "1")
     assert table.exit_code == 0
     assert "mass-download" not in table.stdout and "foreign-sign-in" in table.stdout
-    assert "1 alerts shown, newest first; more match" in table.stderr
+    assert "1 alert shown, newest first; more match" in table.stderr
     frame = pd.read_csv(io.StringIO(run(data_dir, "alerts", "--format", "csv").stdout))
     assert list(frame["policy"]) == ["foreign-sign-in", "mass-download"]
 
