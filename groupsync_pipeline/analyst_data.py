@@ -60,6 +60,9 @@ def open_analyst_data(
         conn.execute("SET TimeZone = 'UTC'")
         # Cannot be turned back on in this session (DuckDB refuses it while running).
         conn.execute("SET enable_external_access = false")
+        # Nor can anything else be set: a query must not turn on logging or profiling to a
+        # file, which would break the session (and abort the process when it closes).
+        conn.execute("SET lock_configuration = true")
         if require_table is not None:
             present = conn.execute(
                 "SELECT count(*) FROM information_schema.tables WHERE table_name = $table",

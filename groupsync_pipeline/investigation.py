@@ -409,7 +409,8 @@ def to_csv(frame: pd.DataFrame) -> str:
         writer.writerow(values)
         return buffer.getvalue()[:-2]
 
-    lines = [line(list(frame.columns))]
+    # Column names can come from the data too (a PIVOT in `groupsync sql`).
+    lines = [line([csv_formula_safe(str(column)) for column in frame.columns])]
     lines += [line([_csv_value(v) for v in row]) for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -437,8 +438,10 @@ def to_table(frame: pd.DataFrame, columns: tuple[str, ...] | None = None) -> str
     """An aligned plain-text table (left-aligned, two spaces between columns)."""
     shown = list(columns or frame.columns)
     rows = [[_cell(c, row[c]) for c in shown] for row in frame.to_dict("records")]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(shown)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True)).rstrip()]
+    # Column names can come from the data too (a PIVOT in `groupsync sql`).
+    header = [for_terminal(str(c)) for c in shown]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 

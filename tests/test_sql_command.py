@@ -82,8 +82,8 @@ def test_nulls_and_several_statements(data_dir: Path) -> None:
     # Integers with a NULL stay integers (no 2.0).
     counts = sql(data_dir, "SELECT * FROM (VALUES (1, 2), (3, NULL)) AS t(a, n)", "--format", "csv")
     assert counts.stdout.splitlines() == ["a,n", "1,2", "3,"]
-    # Several statements: the settings apply, the last one's result is shown.
-    last = sql(data_dir, "SET TimeZone = 'UTC'; SELECT 41 + 1 AS answer;", "--format", "json")
+    # Several statements: the last one's result is shown.
+    last = sql(data_dir, "SELECT 1 AS first; SELECT 41 + 1 AS answer;", "--format", "json")
     assert json.loads(last.stdout) == [{"answer": 42}]
 
 
@@ -169,3 +169,26 @@ def test_prompt_dot_commands_and_end_of_input(data_dir: Path) -> None:
     assert result.exit_code == 1
     clean = sql(data_dir, stdin="SELECT 2 AS two;\n")
     assert clean.exit_code == 0 and "two" in clean.stdout
+
+
+def test_settings_are_locked_so_no_query_can_break_the_session(data_dir: Path) -> None:
+    # Review finding: turning on logging to a file broke the session and aborted the process.
+    for statement in (
+        "CALL enable_logging(storage_path='/tmp/groupsync-sql-log')",
+        "PRAGMA enable_profiling='json'",
+        "SET enable_external_access = true",
+    ):
+        result = sql(data_dir, f"{statement}; SELECT 1 AS one")
+        assert result.exit_code == 1, (statement, result.output)
+        assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1
+    assert sql(data_dir, "SELECT count(*) AS n FROM user_groups").exit_code == 0
+
+
+def test_column_names_from_the_data_are_neutralized(data_dir: Path) -> None:
+    evil = '=HYPERLINK(""http://evil"",""x"")'  # quotes doubled inside a quoted identifier
+    q = 'SELECT 1 AS "' + evil + '", 2 AS "' + HOSTILE + '"'
+    table = sql(data_dir, q)
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.stdout and "\x07" not in table.stdout and "\\x1b" in table.stdout
+    csv_out = sql(data_dir, q, "--format", "csv").stdout
+    assert csv_out.splitlines()[0].startswith("\"'=HYPERLINK(")
