@@ -26,7 +26,7 @@ from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
 from groupsync_pipeline.storage.warehouse import Warehouse
 from tests.conftest import SECRET_ENV
-from tests.pipeline_helpers import failure_message, import_group, query, run_job
+from tests.pipeline_helpers import check_results, failure_message, import_group, query, run_job
 
 NAMES = ("first", "broken", "last")
 
@@ -131,7 +131,27 @@ def test_sync_isolates_each_connection(setup) -> None:
 
 def test_activity_read_isolates_each_connection(setup) -> None:
     result = run_with_broken_certificate(setup, "ingest_activities")
-    assert_broken_alone_failed(setup, result, "activity read")
+    # The run goes on to the policies for the connections that committed: the failed one is
+    # reported by the check every_connection_read (and in the run log), not by failing the
+    # step, which would skip alerts for everyone.
+    assert result.success
+    checks = check_results(result)
+    assert checks["every_connection_read"] is False
+    (evaluation,) = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.check_name == "every_connection_read"
+    ]
+    assert "activity read failed for 1 of 3 connections" in (evaluation.description or "")
+    assert "broken: unexpected SSLError" in (evaluation.description or "")
+    assert any(
+        e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key == dg.AssetKey("alerts")
+        for e in result.all_events
+    )
+    logs = [entry.user_message for entry in setup[0].all_logs(result.run_id)]
+    tracebacks = [m for m in logs if m.startswith("broken: activity read failed with an unexp")]
+    assert len(tracebacks) == 1 and "Traceback (most recent call last)" in tracebacks[0]
     read = per_connection(
         setup[2],
         "SELECT connection, count(*) FROM activity_sources_state "

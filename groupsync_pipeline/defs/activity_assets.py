@@ -21,11 +21,23 @@ from groupsync_pipeline.policies import evaluate_policies, load_policies
 ALERT_EMAIL_ROUND_SECONDS = 60.0  # SMTP while holding the warehouse: at most this per run
 
 
+EVERY_CONNECTION_READ = "every_connection_read"
+
+
 @dg.asset(
     pool=WAREHOUSE_POOL,
     group_name="activities",
     kinds={"duckdb"},
     deps=[imported_group_members],
+    # A connection that fails is reported here, not by failing the step: a failed step would
+    # skip `alerts`, and one broken connection would silence the policies of all the others.
+    check_specs=[
+        dg.AssetCheckSpec(
+            EVERY_CONNECTION_READ,
+            asset="activities",
+            description="Every connection's audit logs were read and committed by the run.",
+        )
+    ],
     description="Audit events of every connection, each tagged with the groups its actor "
     "belonged to when it happened (tables activities, activity_groups, "
     "activity_sources_state; views activities_tagged, group_activities; automatic groups "
@@ -86,8 +98,21 @@ def activities(
     metadata["new activities"] = totals["new"]
     metadata["events read"] = totals["read"]
     metadata["group tags"] = totals["tags"]
-    failures.raise_if_any(len(chosen), metadata)
-    return dg.MaterializeResult(metadata=metadata)
+    if len(failures.reasons) == len(chosen):
+        failures.raise_if_any(len(chosen), metadata)  # nothing committed: nothing for alerts
+    metadata["failed_connections"] = dg.MetadataValue.json(failures.reasons)
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=EVERY_CONNECTION_READ,
+                passed=not failures.reasons,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=failures.summary(len(chosen)) if failures.reasons else None,
+                metadata={"failed_connections": dg.MetadataValue.json(failures.reasons)},
+            )
+        ],
+    )
 
 
 @dg.asset(

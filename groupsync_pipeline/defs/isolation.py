@@ -42,14 +42,16 @@ class ConnectionFailures:
             )
         self.reasons[name] = reason
 
+    def summary(self, total: int) -> str:
+        lines = "; ".join(f"{name}: {reason}" for name, reason in self.reasons.items())
+        return (
+            f"{self.what} failed for {len(self.reasons)} of {total} connections "
+            f"(the others committed): {lines}"
+        )
+
     def raise_if_any(self, total: int, metadata: dict[str, dg.RawMetadataValue]) -> None:
         """End the run as failed, naming every failed connection, once all were tried."""
         if not self.reasons:
             return
         metadata["failed_connections"] = dg.MetadataValue.json(self.reasons)
-        lines = "; ".join(f"{name}: {reason}" for name, reason in self.reasons.items())
-        raise dg.Failure(
-            description=f"{self.what} failed for {len(self.reasons)} of {total} connections "
-            f"(the others committed): {lines}",
-            metadata=metadata,
-        )
+        raise dg.Failure(description=self.summary(total), metadata=metadata)
