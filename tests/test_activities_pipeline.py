@@ -146,7 +146,7 @@ def test_a_failing_log_keeps_its_place_and_the_others_commit(
     quiet_tenant.faults.clear()
     # The other logs commit and the policies still run; the check names the failing log.
     assert partial.success, failure_message(partial)
-    assert check_results(partial) == {"audit_logs_read": False}
+    assert check_results(partial) == {"audit_logs_read": False, "every_connection_read": True}
     assert {step.step_key for step in partial.get_step_success_events()} >= {"activities", "alerts"}
     errors = query(
         data_dir,
@@ -163,7 +163,7 @@ def test_a_failing_log_keeps_its_place_and_the_others_commit(
 
     recovered = ingest(env)
     assert recovered.success, failure_message(recovered)
-    assert check_results(recovered) == {"audit_logs_read": True}
+    assert check_results(recovered) == {"audit_logs_read": True, "every_connection_read": True}
     stored = [row[0] for row in query(data_dir, "SELECT event_id FROM activities")]
     assert sum(signed_in in e for e in stored) == 1
     assert sum(audited in e for e in stored) == 1
@@ -342,7 +342,7 @@ def test_when_the_directory_cannot_be_asked_no_one_is_made_up(
     finally:
         quiet_tenant.faults.clear()
     assert result.success, failure_message(result)
-    assert check_results(result) == {"audit_logs_read": False}
+    assert check_results(result) == {"audit_logs_read": False, "every_connection_read": True}
     errors = query(
         data_dir, "SELECT source, last_error FROM activity_sources_state WHERE last_error NOTNULL"
     )
@@ -359,6 +359,6 @@ def test_when_the_directory_cannot_be_asked_no_one_is_made_up(
     time.sleep(3.5)  # a 2 s blob slot has ended, with a margin for a loaded machine
     recovered = ingest(env)
     assert recovered.success, failure_message(recovered)
-    assert check_results(recovered) == {"audit_logs_read": True}
+    assert check_results(recovered) == {"audit_logs_read": True, "every_connection_read": True}
     assert actors_by_event(data_dir)[again] == (silent_guest.id, "user")
     assert external_members(data_dir) == [silent_guest.id]
