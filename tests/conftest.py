@@ -57,8 +57,9 @@ def connector(sandbox: GraphSandbox) -> Iterator[GraphConnector]:
         yield graph
 
 
-def write_connections(path: Path, tenant: GraphSandbox, name: str = "contoso") -> Path:
-    entry = {
+def connection_entry(tenant: GraphSandbox, name: str = "contoso", **overrides: str) -> dict:
+    """One connections-file entry for the sandbox tenant (the secret by variable name)."""
+    return {
         "name": name,
         "app": "office365",
         "tenant_id": tenant.tenant_id,
@@ -68,8 +69,12 @@ def write_connections(path: Path, tenant: GraphSandbox, name: str = "contoso") -
         "graph_url": tenant.graph_url,
         "management_url": tenant.management_url,
         "ca_bundle": tenant.ca_bundle,
+        **overrides,
     }
-    path.write_text(yaml.safe_dump({"connections": [entry]}))
+
+
+def write_connections(path: Path, tenant: GraphSandbox, name: str = "contoso") -> Path:
+    path.write_text(yaml.safe_dump({"connections": [connection_entry(tenant, name)]}))
     return path
 
 

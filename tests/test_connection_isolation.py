@@ -25,7 +25,7 @@ from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseReso
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
 from groupsync_pipeline.storage.warehouse import Warehouse
-from tests.conftest import SECRET_ENV
+from tests.conftest import SECRET_ENV, connection_entry
 from tests.pipeline_helpers import check_results, failure_message, import_group, query, run_job
 
 NAMES = ("first", "broken", "last")
@@ -63,17 +63,9 @@ def setup(
         ca_copy = tmp_path / "broken-ca.pem"
         shutil.copyfile(tenant.ca_bundle, ca_copy)
         entries = [
-            {
-                "name": name,
-                "app": "office365",
-                "tenant_id": tenant.tenant_id,
-                "client_id": tenant.client_id,
-                "client_secret_env": SECRET_ENV,
-                "authority_host": tenant.authority_host,
-                "graph_url": tenant.graph_url,
-                "management_url": tenant.management_url,
-                "ca_bundle": str(ca_copy) if name == "broken" else tenant.ca_bundle,
-            }
+            connection_entry(tenant, name, ca_bundle=str(ca_copy))
+            if name == "broken"
+            else connection_entry(tenant, name)
             for name in NAMES
         ]
         connections = tmp_path / "connections.yaml"
