@@ -228,9 +228,7 @@ class Lake:
         load_extensions(conn, *settings.extensions())
         if settings.s3 is not None:
             conn.execute(settings.s3.secret_statement())
-        if settings.catalog_kind == "sqlite" and (
-            not read_only or Path(settings.catalog).exists()
-        ):
+        if settings.catalog_kind == "sqlite" and (not read_only or Path(settings.catalog).exists()):
             _use_write_ahead_log(Path(settings.catalog))
         if settings.s3 is None and not read_only:
             Path(settings.data_path).mkdir(parents=True, exist_ok=True)
