@@ -334,6 +334,8 @@ class Lake:
         if self._stored_schema_version(conn) == schema_version():
             return
         conn.execute(schema_sql())
+        # zstd, not DuckLake's default snappy: the raw events compress to less than half.
+        conn.execute(f"CALL {LAKE_ALIAS}.set_option('parquet_compression', 'zstd')")
         conn.execute("DELETE FROM _schema_state")
         conn.execute(
             "INSERT INTO _schema_state VALUES (?, now())",
