@@ -284,6 +284,11 @@ def test_every_row_of_every_table_comes_back(legacy: Path, export: Path, tmp_pat
     with pytest.raises(MigrationError, match="already holds data"):
         migrate(Lake(data), export, control=legacy / CONTROL_FILE, progress=lambda _: None)
     assert _lake_rows(data) == counts
+    # --replace loads the export again over it, in one transaction.
+    migrate(
+        Lake(data), export, control=legacy / CONTROL_FILE, replace=True, progress=lambda _: None
+    )
+    assert _lake_rows(data) == counts
 
 
 def test_partial_export_is_refused_and_the_lake_stays_empty(
@@ -336,3 +341,21 @@ def test_requests_without_their_control_store_are_refused(export: Path, tmp_path
     with pytest.raises(MigrationError, match="--control"):
         migrate(Lake(data), export, progress=lambda _: None)
     assert set(_lake_rows(data).values()) == {0}
+
+
+def test_upgrade_in_place_keeps_the_control_store(
+    legacy: Path, export: Path, tmp_path: Path
+) -> None:
+    """The README's main path: the same data directory, its control.sqlite3 already there."""
+    data = tmp_path / "data"
+    shutil.copytree(legacy, data, ignore=shutil.ignore_patterns("export"))
+    before = ControlStore(data).requests_frame()
+    result = CliRunner().invoke(
+        main, ["migrate", "--from", str(export)], env={"GROUPSYNC_DATA_DIR": str(data)}
+    )
+    assert result.exit_code == 0, result.output
+    assert "control store kept as it is" in result.output
+    assert ControlStore(data).requests_frame().equals(before)
+    with Lake(data).read() as conn:
+        statuses = conn.execute("SELECT status FROM import_requests ORDER BY ALL").fetchall()
+    assert statuses == [("done",), ("failed",), ("pending",)]

@@ -264,7 +264,8 @@ def _export_request_keys(table: ExportTable) -> set[str]:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # as_uri() escapes the characters a URI gives a meaning to ('?', '#', '%').
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
 
 
 def _control_contents(path: Path) -> tuple[dict[str, int], int]:
