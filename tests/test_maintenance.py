@@ -13,6 +13,8 @@ from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.storage.lake import Lake, LakeBusyError
 from groupsync_pipeline.storage.maintenance import (
     ACTIVITY_RETENTION_ENV,
+    FILE_GRACE_ENV,
+    SNAPSHOT_RETENTION_ENV,
     MaintenanceSettings,
     lake_files,
     retention_cutoff,
@@ -39,7 +41,14 @@ WHERE activity_id >= $first AND activity_id < $first + $count AND actor_account_
 
 @pytest.fixture(autouse=True)
 def _embedded_lake(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("GROUPSYNC_LAKE_CATALOG", "GROUPSYNC_LAKE_DATA_PATH", "GROUPSYNC_DATA_DIR"):
+    for name in (
+        "GROUPSYNC_LAKE_CATALOG",
+        "GROUPSYNC_LAKE_DATA_PATH",
+        "GROUPSYNC_DATA_DIR",
+        ACTIVITY_RETENTION_ENV,
+        SNAPSHOT_RETENTION_ENV,
+        FILE_GRACE_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -203,8 +212,12 @@ def test_the_dagster_job_runs_and_reports_its_figures(tmp_path: Path) -> None:
     assert result.success
     (output,) = [e for e in result.all_node_events if e.event_type_value == "STEP_OUTPUT"]
     metadata = {key: value.value for key, value in output.step_output_data.metadata.items()}
-    assert metadata["before: live_files"] >= 3
-    assert metadata["after: live_files"] < metadata["before: live_files"]
-    assert metadata["merge adjacent files: files merged"] >= 3
+    # The defaults: the three small activity files merged, the inlined tags flushed, nothing
+    # expired (a week of time travel), nothing of the last 180 days deleted.
+    assert metadata["before: live_files"] == 3 and metadata["before: inlined_rows"] > 0
+    assert metadata["merge adjacent files: files merged"] == 3
+    assert metadata["after: inlined_rows"] == 0
+    assert metadata["expire snapshots: snapshots expired"] == 0
     assert metadata["activity retention: activities deleted"] == 0
+    assert metadata["after: stored_files"] > metadata["after: live_files"]
     assert metadata["seconds"] > 0

@@ -4,8 +4,6 @@ The work is storage/maintenance.py; this is its Dagster face: one op in the writ
 figures as the run's metadata.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from groupsync_pipeline.config import ConfigError
