@@ -51,8 +51,8 @@ _CREATE_TABLE = re.compile(r"CREATE\s+TABLE\s+(?P<table>[^\s(]+)\s*\(", re.I)
 _CONTROL_TABLES = ("import_requests", "email_outbox", "shrink_confirmations")
 
 EXPORT_HINT = (
-    "export the previous release's warehouse with the DuckDB that wrote it: "
-    "duckdb -readonly warehouse.duckdb -c \"EXPORT DATABASE 'EXPORT_DIR' (FORMAT parquet)\""
+    "export the previous release's warehouse with the DuckDB that wrote it (README: Upgrading "
+    "from 0.x): EXPORT DATABASE 'EXPORT_DIR' (FORMAT parquet)"
 )
 
 
