@@ -19,7 +19,7 @@ from groupsync_pipeline.defs.jobs import (
     sync_group_memberships,
 )
 from groupsync_pipeline.defs.maintenance import lake_maintenance, lake_maintenance_schedule
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.defs.schedules import activities_schedule, membership_sync_schedule
 from groupsync_pipeline.defs.sensors import import_request_sensor
 
@@ -40,5 +40,5 @@ defs = dg.Definitions(
     ],
     schedules=[membership_sync_schedule, activities_schedule, lake_maintenance_schedule],
     sensors=[import_request_sensor],
-    resources={"connections": ConnectionsResource(), "warehouse": WarehouseResource()},
+    resources={"connections": ConnectionsResource(), "lake": LakeResource()},
 )
