@@ -308,7 +308,8 @@ def _plan_control(
                 f"has: give the previous data directory's {CONTROL_FILE} with --control "
                 "(it also holds the email outbox and shrink confirmations)"
             )
-        return _ControlPlan(None, None, target, False, 0, "control store kept as it is")
+        kept = "control store kept as it is" if target.path.exists() else "no control store"
+        return _ControlPlan(None, None, target, False, 0, kept)
     # A private, upgraded copy: the source (the old data directory's file) is never written.
     scratch = data_dir / f".migrate-control-{uuid.uuid4().hex}"
     scratch.mkdir(parents=True)
