@@ -697,6 +697,26 @@ def _hwm_mb() -> float:
     return float("nan")
 
 
+class TimedConnection:
+    """A connection that adds up the time of each statement by the function that ran it:
+    where a batch's seconds go (merge_activities' own steps, tagging, ...)."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self._conn = conn
+        self.spent: dict[str, float] = {}
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_code.co_name
+        started = time.perf_counter()
+        try:
+            return self._conn.execute(*args, **kwargs)
+        finally:
+            self.spent[caller] = self.spent.get(caller, 0.0) + time.perf_counter() - started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
     """In a fresh process: stage the batch as an ingest does, then merge and commit it."""
     import resource
@@ -732,8 +752,9 @@ def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
     started = time.perf_counter()
     try:
         with store.write() as conn:
+            timed = TimedConnection(conn)
             result = merge_activities(
-                conn,
+                timed,  # type: ignore[arg-type]
                 connection=connection,
                 staging=staging,
                 reads=reads,
@@ -742,9 +763,15 @@ def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
                 now=now,
                 actor_lookup=ActorLookup(),
             )
+            merged = time.perf_counter()
         seconds = time.perf_counter() - started
+        timed.spent["(commit)"] = time.perf_counter() - merged
     finally:
         staging.remove()
+    breakdown = dict(sorted(timed.spent.items(), key=lambda kv: -kv[1]))
+    with open(Path(data_dir) / "batch-breakdown.jsonl", "a") as handle:
+        handle.write(json.dumps({"at": now_iso, "seconds": seconds, "by_function": breakdown}))
+        handle.write("\n")
     print(
         json.dumps(
             {
@@ -757,6 +784,7 @@ def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
                 "located": result.located,
                 "merge_peak_mb": _hwm_mb(),
                 "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "by_function": breakdown,
             }
         )
     )
