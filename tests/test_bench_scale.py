@@ -23,7 +23,7 @@ def test_scale_benchmark_smoke_run_prints_sane_figures() -> None:
     assert "stored" in out and "today/lake" in out
     # The last table: one row per step (20,000 and 50,000 stored).
     table = out.rsplit("today B/act", 1)[1].split("goals", 1)[0]
-    rows = [line.split() for line in table.strip().splitlines() if line.strip()]
+    rows = [line.split() for line in table.splitlines() if re.match(r"\s*[\d,]+\s", line)]
     assert [row[0] for row in rows] == ["20,000", "50,000"], out
     for row in rows:
         batch_s, rss_mb, bytes_per, files = float(row[1]), float(row[3]), float(row[4]), int(row[5])
@@ -38,4 +38,6 @@ def test_scale_benchmark_smoke_run_prints_sane_figures() -> None:
         assert int(runs) > 0 and int(failed) == 0, out
         today_s, ratio = float(row[11]), float(row[12].rstrip("x"))
         assert today_s > 0 and ratio > 0
+        assert 50 < float(row[13]) < 5000  # today's file: bytes per activity
+        assert float(row[14]) >= 0  # the machine's load average, to read the times by
     assert "[met] reader: 0 failed" in out
