@@ -37,21 +37,20 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from groupsync_pipeline.storage.lake import LAKE_DIR, Lake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_data import (  # noqa: E402 - beside this file, run as a script
@@ -69,107 +68,16 @@ T0 = datetime(2026, 6, 1, tzinfo=UTC)  # the first generated activity
 SEQ_BATCH_BASE = 10**12  # sequence numbers of batch events: apart from the bulk ones
 
 # -- the store ------------------------------------------------------------------------------
-# The pipeline's Lake when main has it; until then a plain DuckLake with the same methods.
 
 
-def open_store(data_dir: Path) -> Any:
-    try:
-        from groupsync_pipeline.storage.lake import Lake  # type: ignore[import-not-found]
-    except ImportError:
-        return PlainLake(data_dir)
+def open_store(data_dir: Path) -> Lake:
+    """The pipeline's lake (the settings from the environment: SQLite catalog by default)."""
     return Lake(data_dir)
 
 
 def store_root(data_dir: Path) -> Path:
-    """Every file of the lake: catalog and data (the default layout under the data dir)."""
-    return data_dir / "lake"
-
-
-class PlainLake:
-    """Stand-in for groupsync_pipeline.storage.lake.Lake (same methods, SQLite catalog)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.root = store_root(self.data_dir)
-
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        import importlib.util
-
-        conn = duckdb.connect()
-        for package, name in (
-            ("duckdb_extension_ducklake", "ducklake"),
-            ("duckdb_extension_sqlite_scanner", "sqlite_scanner"),
-        ):
-            spec = importlib.util.find_spec(package)
-            assert spec is not None and spec.submodule_search_locations
-            found = next(Path(spec.submodule_search_locations[0]).rglob(f"{name}.duckdb_extension"))
-            conn.execute(f"LOAD '{found}'")
-        (self.root / "data").mkdir(parents=True, exist_ok=True)
-        mode = ", READ_ONLY" if read_only else ""
-        conn.execute(
-            f"ATTACH 'ducklake:sqlite:{self.root / 'catalog.sqlite'}' AS lake "
-            f"(DATA_PATH '{self.root / 'data'}/'{mode})"
-        )
-        conn.execute("USE lake")
-        return conn
-
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        return self._connect(False)
-
-    @contextmanager
-    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        conn = self._connect(False)
-        try:
-            if not conn.execute(
-                "SELECT 1 FROM duckdb_tables() WHERE database_name = 'lake' "
-                "AND table_name = 'activities'"
-            ).fetchall():
-                conn.execute(_plain_schema())
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    @contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        conn = self._connect(True)
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    def staging_path(self) -> Path:
-        folder = self.data_dir / "staging"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{os.urandom(8).hex()}.duckdb"
-
-
-def _plain_schema() -> str:
-    """schema.sql without what DuckLake refuses (keys, checks, sequences), time-partitioned."""
-    from groupsync_pipeline.storage.warehouse import schema_sql
-
-    sql = schema_sql()
-    sql = re.sub(r"CREATE SEQUENCE[^;]*;", "", sql)
-    sql = re.sub(r"ALTER TABLE[^;]*;", "", sql)
-    sql = re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", sql)
-    sql = re.sub(r" PRIMARY KEY", "", sql)
-    sql = re.sub(r" CHECK \(type IN \([^)]*\)\)", "", sql)
-    sql = re.sub(r" DEFAULT nextval\('user_group_keys'\)", "", sql)
-    sql = re.sub(r"--[^\n]*", "", sql)
-    sql = sql.replace(
-        "group_key   INTEGER NOT NULL\n)", "group_key INTEGER NOT NULL, occurred_on DATE NOT NULL)"
-    )
-    return (
-        sql + "\nALTER TABLE activities SET PARTITIONED BY (year(occurred_at), "
-        "month(occurred_at), day(occurred_at));\n"
-        "ALTER TABLE _activity_group_keys SET PARTITIONED BY (year(occurred_on), "
-        "month(occurred_on), day(occurred_on));\n"
-    )
+    """Every file of the lake with the default settings: catalog and data."""
+    return data_dir / LAKE_DIR
 
 
 @dataclass
@@ -445,7 +353,7 @@ def run_batch(grower: Grower, work: Path) -> dict[str, Any]:
 # -- today's design: one DuckDB file, copied over the published snapshot after each write ----
 
 
-def build_baseline(store: Any, folder: Path, through: int) -> Path:
+def build_baseline(store: Lake, folder: Path, through: int) -> Path:
     """A DuckDB file holding the same activities and tags as the lake (untimed)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -468,7 +376,7 @@ def build_baseline(store: Any, folder: Path, through: int) -> Path:
     return path
 
 
-def baseline_batch(store: Any, path: Path, after: int) -> float:
+def baseline_batch(store: Lake, path: Path, after: int) -> float:
     """The batch the lake just stored, written today's way: one transaction into the file,
     CHECKPOINT, copy the whole file beside the published snapshot, fsync, rename over it.
     (A floor for today's design: the dedupe and tagging joins are not repeated here.)"""
@@ -527,7 +435,7 @@ def account_id(n: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def analyst_queries(store: Any, now: datetime) -> dict[str, Any]:
+def analyst_queries(store: Lake, now: datetime) -> dict[str, Any]:
     """Each query in a fresh read-only session: the first run, then the best of 3."""
     yesterday = datetime.combine(now.date() - timedelta(days=1), datetime.min.time(), UTC)
     queries = {
