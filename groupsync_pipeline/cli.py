@@ -72,6 +72,9 @@ def _sqlite_path(exc: BaseException) -> str:
     return "the control store"
 
 
+_FULL_DISK = re.compile(r"database or disk is full|No space left on device")
+
+
 def storage_failure(exc: BaseException) -> str | None:
     """``<path>: <cause>`` for a file system or database file failure, else None."""
     if type(exc).__module__.startswith("pandas"):
@@ -99,6 +102,9 @@ def storage_failure(exc: BaseException) -> str | None:
     lake = sys.modules.get("groupsync_pipeline.storage.lake")
     if lake is not None and isinstance(exc, lake.LakeConfigError | lake.LakeBusyError):
         return str(exc)
+    if duckdb is not None and isinstance(exc, duckdb.Error) and _FULL_DISK.search(str(exc)):
+        # The lake's catalog or data files: DuckDB nests the SQLite error in its own words.
+        return f"the lake: {_FULL_DISK.search(str(exc))[0]}"
     return None
 
 
