@@ -51,6 +51,7 @@ from typing import Any
 import duckdb
 
 from groupsync_pipeline.storage.lake import LAKE_DIR, Lake
+from groupsync_pipeline.storage.tagging import tag_new_activities
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_data import (  # noqa: E402 - beside this file, run as a script
@@ -60,7 +61,6 @@ from scale_data import (  # noqa: E402 - beside this file, run as a script
     _events_sql,
     _script,
     prepare_generator,
-    tag_generated,
 )
 
 PER_DAY = 50_000_000 / 90  # a 10,000-person tenant: about 100M audit events a quarter
@@ -129,7 +129,7 @@ class Grower:
 
     def grow_to(self, target: int) -> None:
         """Add generated events until ``target`` are stored, a chunk per transaction, each
-        chunk tagged in the same transaction (``TAG_SQL``: the pipeline's rule)."""
+        chunk tagged in the same transaction by the pipeline's own tag_new_activities."""
         while (stored := self.stored) < target:
             n = min(self.plan.chunk, target - stored)
             with self.store.write() as conn:
@@ -154,7 +154,7 @@ class Grower:
                         "accounts": self.plan.accounts,
                     },
                 )
-                tag_generated(conn, first_id - 1)
+                tag_new_activities(conn)
             self.next_seq += n
             print(f"  {self.stored:,} stored", flush=True)
 

@@ -361,36 +361,3 @@ def _script(conn: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -
     for statement in sql.split(";\n"):
         if statement.strip():
             conn.execute(statement, {k: v for k, v in params.items() if f"${k}" in statement})
-
-
-# The pipeline's tagging rule (storage/tagging.py), with the memberships joined to their groups
-# first: inside a DuckLake transaction the planner has no statistics for the rows just
-# inserted and, given _TAG_SQL, crosses user_groups with the new activities (26.6M rows for
-# 20,000 activities: 29 s instead of 0.5 s). The batch below goes through _TAG_SQL itself.
-TAG_SQL = """
-INSERT INTO _activity_group_keys BY NAME
-WITH m AS MATERIALIZED (
-    SELECT m.connection, m.account_id, m.valid_from,
-           coalesce(m.valid_to, 'infinity'::TIMESTAMPTZ) AS valid_to, g.group_key, g.imported_at
-    FROM group_memberships AS m JOIN user_groups AS g ON g.group_id = m.group_id
-    WHERE m.valid_from <= $latest AND coalesce(m.valid_to, 'infinity'::TIMESTAMPTZ) > $earliest
-      AND g.imported_at <= $latest
-)
-SELECT a.activity_id, m.group_key, (a.occurred_at AT TIME ZONE 'UTC')::DATE AS occurred_on
-FROM activities AS a JOIN m
-  ON m.connection = a.connection AND m.account_id = a.actor_account_id
- AND m.valid_from <= a.occurred_at AND a.occurred_at < m.valid_to
- AND m.imported_at <= a.occurred_at
-WHERE a.activity_id > $after
-"""
-
-
-def tag_generated(conn: duckdb.DuckDBPyConnection, after: int) -> None:
-    through, earliest, latest = conn.execute(
-        "SELECT max(activity_id), min(occurred_at), max(occurred_at) FROM activities"
-        " WHERE activity_id > $after",
-        {"after": after},
-    ).fetchall()[0]
-    conn.execute(TAG_SQL, {"after": after, "earliest": earliest, "latest": latest})
-    conn.execute("DELETE FROM _tagging_state")
-    conn.execute("INSERT INTO _tagging_state VALUES ($t)", {"t": through})

@@ -376,8 +376,8 @@ def reset_tags(path: Path) -> None:
     conn.close()
 
 
-# The same SELECT as the pipeline's INSERT, only counted.
-BARE_SQL = "SELECT count(*) FROM (SELECT" + _TAG_SQL.split("SELECT", 1)[1] + ")"
+# The same query as the pipeline's INSERT (everything after its INSERT line), only counted.
+BARE_SQL = "SELECT count(*) FROM (" + _TAG_SQL.strip().split("\n", 1)[1] + ")"
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # every activity: the batch's own bounds
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
