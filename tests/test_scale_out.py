@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -129,11 +132,22 @@ def deployment(
         monkeypatch.setenv(variable, value)
     monkeypatch.delenv("GROUPSYNC_POLICIES", raising=False)
     monkeypatch.delenv("GROUPSYNC_SMTP_HOST", raising=False)
+    # The README's one-time step, `dagster instance concurrency set <pool> 1` (the same call).
+    with open_dagster_instance() as instance:
+        for pool in writer_pools():
+            instance.event_log_storage.set_concurrency_slots(pool, 1)
     return Deployment(postgres, lake_db, dagster_db, prefix, data_dir, home)
 
 
+def writer_pools() -> set[str]:
+    """The Dagster pools of groupsync's assets."""
+    graph = defs.resolve_asset_graph()
+    pools = {asset.op.pool for asset in graph.assets_defs if asset.is_executable}
+    return {pool for pool in pools if pool}
+
+
 def sync_job() -> dg.JobDefinition:
-    """The hourly sync, reconstructable: its steps run in processes of their own."""
+    """The hourly sync, reconstructable (execute_job reloads it by this function)."""
     return defs.resolve_job_def("sync_group_memberships")
 
 
@@ -211,8 +225,8 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
         joiner = next(user for user in sorted(org.users) if user not in before)
         org.remove_member(hr.id, leaver)
         org.add_member(hr.id, joiner)
-        # The sync as the daemon launches it: each step in a process of its own, which opens
-        # the instance from DAGSTER_HOME and the lake from the environment.
+        # The sync through Dagster's execute_job (reconstructable job), in one process: a step
+        # per process costs about 8 s each here (other tests run workers in processes).
         synced = execute_job(
             instance,
             sync_job,
@@ -221,7 +235,7 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
                     "connections": {"config": {"connections_file": str(connections)}},
                     "warehouse": {"config": {"data_dir": str(data_dir)}},
                 },
-                "execution": {"config": {"multiprocess": {"max_concurrent": 1}}},
+                "execution": {"config": {"in_process": {}}},
             },
         )
 
@@ -255,9 +269,15 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
     }
     for run_id in stored:
         events = event_counts(deployment, run_id)
-        assert events["RUN_SUCCESS"] == 1 and events["ASSET_MATERIALIZATION"] >= 1, events
-    # The sync's steps ran in their own processes and logged there, into the same database.
-    assert event_counts(deployment, synced.run_id)["STEP_SUCCESS"] >= 2
+        # RUN_SUCCESS is stored under its old name.
+        assert events["PIPELINE_SUCCESS"] == 1 and events["ASSET_MATERIALIZATION"] >= 1, events
+    # The writer pool's slots are kept in PostgreSQL too, all free again.
+    slots = deployment.postgres.psql(
+        deployment.dagster_db,
+        "SELECT concurrency_key, count(*), count(run_id) FROM concurrency_slots "
+        "WHERE NOT deleted GROUP BY 1",
+    )
+    assert slots == [[pool, "1", "0"] for pool in sorted(writer_pools())]
 
 
 IMPORT_IN_A_PROCESS = """
@@ -333,3 +353,124 @@ def test_two_imports_at_once_from_two_processes_lose_nothing(
         for run_id in run_ids
     ]
     assert first[0] < second[1] and second[0] < first[1], (first, second)
+
+
+def readme_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Scale-out deployment") :]
+    return section[: section.index("\n## ", 1)]
+
+
+def deploy_variables() -> set[str]:
+    """Every environment variable the deploy files read."""
+    found: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if set(node) == {"env"}:
+                found.add(node["env"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in DEPLOY_SETTINGS.parent.glob("*.yaml"):
+        walk(yaml.safe_load(path.read_text()))
+    return found
+
+
+def test_readme_documents_every_setting_of_the_deploy_files() -> None:
+    section = readme_section()
+    for pool in writer_pools():  # the work-around for dagster-io/dagster#33552
+        assert f"dagster instance concurrency set {pool} 1" in section, pool
+    assert deploy_variables() >= {"DAGSTER_PG_PASSWORD", "GROUPSYNC_CODE_SERVER_PORT"}
+    for variable in deploy_variables():
+        assert f"`{variable}`" in section or f"{variable}=" in section, variable
+    for path in re.findall(r"groupsync_pipeline/deploy/[\w.-]+", section):
+        assert (ROOT / path).is_file(), path
+
+
+def readme_processes(code_port: int) -> list[list[str]]:
+    """The README's code server and daemon commands, on loopback and a free port."""
+    block = re.search(r"Three kinds of process.*?```bash\n(.*?)```", readme_section(), re.DOTALL)
+    assert block is not None
+    commands = [
+        shlex.split(line)
+        for line in block.group(1).splitlines()
+        if line.strip() and not line.startswith(("#", "export "))
+    ]
+    assert [command[:2] for command in commands] == [
+        ["dagster", "code-server"],
+        ["dagster-webserver", "-w"],
+        ["dagster-daemon", "run"],
+    ]
+    local = {"0.0.0.0": "127.0.0.1", "4000": str(code_port)}
+    bin_dir = Path(sys.executable).parent
+    return [
+        [str(bin_dir / command[0]), *(local.get(word, word) for word in command[1:])]
+        for command in (commands[0], commands[2])  # the UI is tested in test_dagster_dev
+    ]
+
+
+def test_code_server_and_daemon_carry_out_a_requested_import(
+    deployment: Deployment, sandbox: GraphSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment as the README starts it: a person asks for a group with the CLI; the
+    daemon's sensor (through the code server) launches the run; the run imports into the lake;
+    Dagster's runs, ticks and heartbeats are in PostgreSQL."""
+    monkeypatch.setenv(SECRET_ENV, sandbox.client_secret)
+    connections = write_connections(tmp_path / "connections.yaml", sandbox)
+    monkeypatch.setenv("GROUPSYNC_CONNECTIONS", str(connections))
+    code_port = free_port()
+    monkeypatch.setenv("GROUPSYNC_CODE_SERVER_HOST", "127.0.0.1")
+    monkeypatch.setenv("GROUPSYNC_CODE_SERVER_PORT", str(code_port))
+    logs = [tmp_path / "code-server.log", tmp_path / "daemon.log"]
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for command, log in zip(readme_processes(code_port), logs, strict=True):
+            with open(log, "w") as output:
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=ROOT,
+                        env=dict(os.environ),
+                        start_new_session=True,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
+                )
+        groupsync = Path(sys.executable).with_name("groupsync")
+        asked = subprocess.run(
+            [str(groupsync), "import-group", "--connection", "contoso", "--group", "HR"]
+            + ["--wait", "--timeout", "2m"],
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert asked.returncode == 0, (
+            asked.stdout + asked.stderr + "".join(log.read_text()[-3000:] for log in logs)
+        )
+        # The members are queryable once the import committed; its run ends with its checks.
+        deadline = time.monotonic() + 60
+        while any(status not in ("SUCCESS", "FAILURE") for _, status in runs(deployment).values()):
+            assert time.monotonic() < deadline, runs(deployment)
+            time.sleep(0.5)
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    expected = set(sandbox.org.transitive_user_ids(sandbox.org.group_by_name("HR").id))
+    stored = query(deployment.data_dir, "SELECT account_id FROM group_members")
+    assert {row[0] for row in stored} == expected
+    assert list(runs(deployment).values()) == [("import_user_group", "SUCCESS")]
+    sql = deployment.postgres.psql
+    ticks = sql(deployment.dagster_db, "SELECT DISTINCT selector_id IS NOT NULL FROM job_ticks")
+    assert ticks == [["t"]]  # the sensor's ticks
+    assert sql(deployment.dagster_db, "SELECT count(*) FROM daemon_heartbeats")[0][0] != "0"
