@@ -6,7 +6,7 @@ tenant, then times and counts HTTP requests for: the delta sync, a sync with no 
 full re-read done two ways (a forced full delta resync, and re-importing every group through
 transitiveMembers as the imports do: the "full re-read" the goal is measured against).
 Goal: at least 50x fewer requests than the full re-read; a no-change sync in at most 2 Graph
-requests per connection. Exits 1 when a goal is missed; stops at once if the warehouse does
+requests per connection. Exits 1 when a goal is missed; stops at once if the lake does
 not match the tenant after the delta sync.
 
     python bench/hourly_sync.py [--groups 50] [--members 100000] [--changes 20] [--latency-ms 0]
@@ -187,8 +187,8 @@ def measured(tenant: Tenant, label: str, work: Callable[[], tuple[int, str]]) ->
     return Phase(label, seconds, counts["kinds"], counts["failed"], pages, peak_rss_mb(), note)
 
 
-def stored_digest(warehouse: Any) -> tuple[int, str]:
-    with warehouse.read() as conn:
+def stored_digest(lake: Any) -> tuple[int, str]:
+    with lake.read() as conn:
         pairs = conn.execute(
             "SELECT g.remote_group_id, m.account_id FROM group_memberships AS m "
             "JOIN user_groups AS g USING (group_id) "
@@ -198,12 +198,12 @@ def stored_digest(warehouse: Any) -> tuple[int, str]:
     return memberships_digest([(g, u) for g, u in pairs])
 
 
-def verify(tenant: Tenant, warehouse: Any, when: str) -> int:
-    """Fail loudly unless the warehouse's open memberships are exactly the tenant's."""
-    expected, stored = tenant.ask("expected"), stored_digest(warehouse)
+def verify(tenant: Tenant, lake: Any, when: str) -> int:
+    """Fail loudly unless the lake's open memberships are exactly the tenant's."""
+    expected, stored = tenant.ask("expected"), stored_digest(lake)
     if stored != expected:
         raise SystemExit(
-            f"FAIL {when}: warehouse has {stored[0]:,} open memberships, tenant {expected[0]:,}"
+            f"FAIL {when}: lake has {stored[0]:,} open memberships, tenant {expected[0]:,}"
             + (" (same count, different members)" if stored[0] == expected[0] else "")
         )
     return expected[0]
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, settings: dict[str, Any], tenant: Tenant) -> l
     from groupsync_pipeline.imports import import_group_members
     from groupsync_pipeline.membership_sync import sync_connection
     from groupsync_pipeline.storage.control import ControlStore
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     os.environ[SECRET_ENV] = settings["client_secret"]
     connection = Connection(
@@ -229,11 +229,11 @@ def run(args: argparse.Namespace, settings: dict[str, Any], tenant: Tenant) -> l
     )
     group_ids: list[str] = settings["group_ids"]
     data_dir = tempfile.TemporaryDirectory(prefix="bench-hourly-")
-    warehouse, control = Warehouse(data_dir.name), ControlStore(data_dir.name)
+    lake, control = Lake(data_dir.name), ControlStore(data_dir.name)
 
     def import_all() -> tuple[int, str]:
         # One import per group, as a person (or the Dagster asset) would request them.
-        outcomes = [import_group_members(connection, gid, warehouse) for gid in group_ids]
+        outcomes = [import_group_members(connection, gid, lake) for gid in group_ids]
         return sum(
             o.pages for o in outcomes
         ), f"{sum(o.result.members for o in outcomes):,} members"
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, settings: dict[str, Any], tenant: Tenant) -> l
 
     def sync(force_full: bool = False) -> Callable[[], tuple[int, str]]:
         def work() -> tuple[int, str]:
-            o = sync_connection(connection, warehouse, control, force_full=force_full)
+            o = sync_connection(connection, lake, control, force_full=force_full)
             outcomes.append(o)
             return o.pages, f"{o.mode}, +{o.joined} / -{o.left}, {o.accounts_fetched} fetched"
 
@@ -251,12 +251,12 @@ def run(args: argparse.Namespace, settings: dict[str, Any], tenant: Tenant) -> l
     phases: list[Phase] = []
     try:
         phases.append(measured(tenant, f"(1) import {len(group_ids)} groups (setup)", import_all))
-        verify(tenant, warehouse, "after the imports")
+        verify(tenant, lake, "after the imports")
         phases.append(measured(tenant, "(2) first sync: full read, new chain", sync()))
         joined, left = tenant.ask("changes", args.changes)
         delta = measured(tenant, f"(3) delta sync, {args.changes} changes", sync())
         phases.append(delta)
-        count = verify(tenant, warehouse, "after the delta sync")
+        count = verify(tenant, lake, "after the delta sync")
         if (outcomes[-1].mode, outcomes[-1].joined, outcomes[-1].left) != ("delta", joined, left):
             raise SystemExit(f"FAIL: tenant made +{joined} / -{left}; the sync: {delta.note}")
         delta.note += f"; verified {count:,}"
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace, settings: dict[str, Any], tenant: Tenant) -> l
         phases.append(
             measured(tenant, f"(5b) full re-read: transitiveMembers x{len(group_ids)}", import_all)
         )
-        verify(tenant, warehouse, "after the full re-reads")
+        verify(tenant, lake, "after the full re-reads")
     finally:
         data_dir.cleanup()
     return phases

@@ -86,7 +86,7 @@ def pipeline_import(tenant: dict[str, Any], data_dir: str, out: Any) -> None:
     """groupsync's import: token, resolve, count, stream pages to staging, merge, publish."""
     from groupsync_pipeline.config import Connection
     from groupsync_pipeline.imports import import_group_members
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     os.environ["BENCH_SECRET"] = tenant["client_secret"]
     connection = Connection(
@@ -100,7 +100,7 @@ def pipeline_import(tenant: dict[str, Any], data_dir: str, out: Any) -> None:
         ca_bundle=tenant["ca_bundle"],
     )
     started = time.perf_counter()
-    outcome = import_group_members(connection, tenant["group_id"], Warehouse(data_dir))
+    outcome = import_group_members(connection, tenant["group_id"], Lake(data_dir))
     out.send(
         {
             "seconds": time.perf_counter() - started,

@@ -76,23 +76,23 @@ def stop_dagster(server: subprocess.Popen[str]) -> None:
 def measure(requests: int, workdir: Path) -> list[float]:
     from groupsync_pipeline.dagster_home import prepare_dagster_home
     from groupsync_pipeline.import_requests import follow_requests, request_imports
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     data = workdir / "data"
     os.environ.pop("GROUPSYNC_CONNECTIONS", None)
     os.environ.pop("DAGSTER_HOME", None)
     os.environ["GROUPSYNC_DATA_DIR"] = str(data)
     home = prepare_dagster_home(data)  # as `export DAGSTER_HOME=$(groupsync dagster-home)`
-    warehouse = Warehouse(data)
+    lake = Lake(data)
     server = start_dagster(home, data, free_port())
     latencies: list[float] = []
     try:
         time.sleep(6)  # let the daemon's first sensor tick pass, as on a machine left running
         for group in GROUPS[:requests]:
             started = time.perf_counter()
-            (request_id,) = request_imports("sandbox", [group], warehouse)
+            (request_id,) = request_imports("sandbox", [group], lake)
             outcome = follow_requests(
-                [request_id], warehouse, timeout=300, echo=lambda line: None, poll_seconds=0.1
+                [request_id], lake, timeout=300, echo=lambda line: None, poll_seconds=0.1
             )
             elapsed = time.perf_counter() - started
             if outcome.done != [request_id]:

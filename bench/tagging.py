@@ -1,6 +1,6 @@
 """Benchmark: tagging activities with their actors' groups in DuckDB, vs a bare join and pandas.
 
-Builds a real warehouse file (the pipeline's schema) in a temp dir with SQL only: --accounts
+Builds a real lake file (the pipeline's schema) in a temp dir with SQL only: --accounts
 accounts on two connections, 200 groups (131 + 67 imported at different times, some before and
 some during the month, plus 2 automatic ones created mid-month whose memberships start earlier,
 so the imported_at rule matters), --intervals membership intervals (several groups per person,
@@ -62,7 +62,7 @@ from typing import Any
 import duckdb
 
 from groupsync_pipeline.storage.tagging import _TAG_SQL, tag_new_activities
-from groupsync_pipeline.storage.warehouse import WAREHOUSE_FILE, schema_sql
+from groupsync_pipeline.storage.lake import WAREHOUSE_FILE, schema_sql
 
 W0 = "TIMESTAMPTZ '2026-10-01 00:00:00+00'"  # the month of activity starts here (30 days)
 DAYS = 30
@@ -502,7 +502,7 @@ def incremental_phases(path: Path, args: argparse.Namespace) -> tuple[list[Phase
         )
         conn.execute("DELETE FROM _activity_group_keys WHERE activity_id > $a", {"a": after})
         conn.execute("UPDATE _tagging_state SET tagged_through = $a", {"a": after})
-    tag(conn)  # leave the warehouse tagged
+    tag(conn)  # leave the lake tagged
     conn.close()
     best = min(runs, key=lambda p: p.seconds)
     if len(runs) > 1:

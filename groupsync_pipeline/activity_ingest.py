@@ -1,17 +1,17 @@
 """Read each connection's audit logs since the last read and store the new activities, tagged.
 
-Per audit log (source) the warehouse keeps ``read_until``: the end of the last window read.
+Per audit log (source) the lake keeps ``read_until``: the end of the last window read.
 The next read starts an overlap window earlier, because apps publish events late (sign-ins
 minutes to hours after they happen, file-event blobs listed late): events inside the overlap
 are read again and dropped as repeats by their event id. A source the app keeps only for a
 while (7 days for file events) is read from no earlier than the app allows; the lost stretch
 is recorded as ``gap_before``.
 
-Everything read is staged on disk; the warehouse changes in one transaction per connection,
+Everything read is staged on disk; the lake changes in one transaction per connection,
 so a read that fails midway stores nothing and moves no watermark. A source that fails does
 not stop the others: its watermark stays where it was and the error is reported.
 
-Actors that events name only by sign-in name, and that the warehouse cannot tie to an account,
+Actors that events name only by sign-in name, and that the lake cannot tie to an account,
 are looked up in the app's directory after the reads and before the merge transaction.
 """
 
@@ -34,7 +34,7 @@ from groupsync_pipeline.storage.activity_writes import (
     merge_activities,
     unknown_actor_names,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 Log = Callable[[str], None]
 OVERLAP_ENV = "GROUPSYNC_ACTIVITY_OVERLAP_MINUTES"
@@ -93,7 +93,7 @@ def _window(
 def _look_up_actors(
     connector: Connector,
     connection: Connection,
-    warehouse: Warehouse,
+    lake: Lake,
     staging: ActivityStaging,
     outcome: IngestOutcome,
     log: Log,
@@ -103,7 +103,7 @@ def _look_up_actors(
     not be asked; those events then keep no account and nobody is made up for them)."""
     names = staging.actor_names()
     if names:
-        with warehouse.read() as conn:
+        with lake.read() as conn:
             names = unknown_actor_names(conn, connection.name, names, at)
     if not names:
         return ActorLookup()
@@ -141,7 +141,7 @@ def _look_up_actors(
 
 def ingest_connection(
     connection: Connection,
-    warehouse: Warehouse,
+    lake: Lake,
     *,
     settings: IngestSettings | None = None,
     log: Log = lambda message: None,
@@ -152,14 +152,14 @@ def ingest_connection(
     started = time.monotonic()
     settings = settings or IngestSettings()
     outcome = IngestOutcome(connection.name)
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         state = dict(
             conn.execute(
                 "SELECT source, read_until FROM activity_sources_state WHERE connection = ?",
                 [connection.name],
             ).fetchall()
         )
-    staging = ActivityStaging(warehouse.staging_path())
+    staging = ActivityStaging(lake.staging_path())
     reads: list[SourceRead] = []
     admins: list[Account] | None = None
     domains: list[str] | None = None
@@ -215,12 +215,12 @@ def ingest_connection(
                 )
             outcome.skipped = connector.skipped_activities
             actor_lookup = _look_up_actors(
-                connector, connection, warehouse, staging, outcome, log, now()
+                connector, connection, lake, staging, outcome, log, now()
             )
         if outcome.skipped:
             log(f"{connection.name}: {outcome.skipped} events without an id or time were skipped")
         outcome.pages = staging.pages
-        with warehouse.write() as conn:
+        with lake.write() as conn:
             outcome.merge = merge_activities(
                 conn,
                 connection=connection,

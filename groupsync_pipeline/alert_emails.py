@@ -111,7 +111,7 @@ def send_pending_alert_emails(
     """Email each notifying policy's pending alerts; set ``notified_at`` on what was sent.
 
     An SMTP failure is reported in the round (status ``failed``), never raised: the alerts stay
-    pending for the next call. Runs in the caller's transaction, which holds the warehouse: each
+    pending for the next call. Runs in the caller's transaction, which holds the lake: each
     delivery is bounded in total (``send_message``'s default), and ``deadline`` (a
     ``time.monotonic()`` value) bounds them all.
     """

@@ -1,9 +1,8 @@
 """The analysts' data: what people query (`groupsync sql`, `activities`, `alerts`, `groups`).
 
-Today it is the published snapshot ``groupsync.duckdb`` (see storage/warehouse.py): a copy the
-pipeline swaps in by atomic rename after each commit, so a reader never blocks a writer.
-Everything that reads it for people goes through ``open_analyst_data``: when the storage
-changes, this one function changes.
+It is the lake (storage/lake.py) opened read-only: DuckLake gives the session the snapshot
+that was current when it opened, so a reader never blocks a run and never sees half of one.
+Everything that reads it for people goes through ``open_analyst_data``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake, LakeConfigError
 
 
 class AnalystDataError(Exception):
@@ -22,12 +21,12 @@ class AnalystDataError(Exception):
 
 
 class NoDataError(AnalystDataError):
-    """Nothing to read yet: no published data, or it lacks the table asked for."""
+    """Nothing to read yet: no lake, or it lacks the table asked for."""
 
 
-def analyst_data_path(data_dir: Path) -> Path:
+def analyst_data_path(data_dir: Path) -> str:
     """Where the analysts' data lives (for messages: people are told what they read)."""
-    return Warehouse(data_dir).published_path
+    return Lake(data_dir).settings.describe()
 
 
 @contextmanager
@@ -36,29 +35,31 @@ def open_analyst_data(
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only DuckDB session on the analysts' data, closed at the end of the block.
 
-    Read-only in every sense: the database is opened read-only, and the session can reach no
-    other file (no ATTACH, COPY TO, file readers or extension installs), so a query typed by
-    a person can neither change the data nor lock the pipeline's private warehouse. Times are
-    shown in UTC, like the data.
+    Read-only in every sense: the lake is attached read-only, and the session can reach no
+    other file (no ATTACH, COPY TO, file readers or extension installs; only the lake's own
+    files), so a query typed by a person can neither change the data nor reach elsewhere.
+    Times are shown in UTC, like the data.
     """
-    path = analyst_data_path(data_dir)
-    if not path.exists():
+    try:
+        lake = Lake(data_dir)
+    except LakeConfigError as exc:
+        raise AnalystDataError(str(exc)) from None
+    if not lake.exists():
         raise NoDataError(
-            f"no data yet: {path} does not exist (nothing has been imported into this data "
-            "directory; check --data-dir or $GROUPSYNC_DATA_DIR)"
+            f"no data yet: {lake.settings.describe()} does not exist (nothing has been "
+            "imported into this data directory; check --data-dir or $GROUPSYNC_DATA_DIR)"
         )
     try:
-        conn = duckdb.connect(str(path), read_only=True)
-    except (duckdb.IOException, duckdb.ConnectionException) as exc:
-        # A session holding the snapshot read-write (e.g. `duckdb groupsync.duckdb`) makes
-        # DuckDB refuse every other opener, read-only ones included.
+        conn = lake.connect(read_only=True)
+    except duckdb.Error as exc:
         raise AnalystDataError(
-            f"cannot open {path} read-only ({exc}). A session that holds it read-write blocks "
-            "every reader: close it, or reopen it with `duckdb -readonly`"
+            f"cannot open {lake.settings.describe()} read-only ({exc})"
         ) from None
     try:
         conn.execute("SET TimeZone = 'UTC'")
-        # Cannot be turned back on in this session (DuckDB refuses it while running).
+        # Only the lake's own files stay reachable; nothing else can be turned back on
+        # (DuckDB refuses it while running).
+        conn.execute("SET allowed_directories = ?", [lake.settings.readable_locations()])
         conn.execute("SET enable_external_access = false")
         # Nor can anything else be set: a query must not turn on logging or profiling to a
         # file, which would break the session (and abort the process when it closes).
@@ -70,7 +71,7 @@ def open_analyst_data(
             ).fetchall()[0][0]
             if not present:
                 raise NoDataError(
-                    f"no {require_table} yet: {path} has no {require_table} table (the "
+                    f"no {require_table} yet: the lake has no {require_table} table (the "
                     "pipeline that writes it has not run against this data directory)"
                 )
         yield conn

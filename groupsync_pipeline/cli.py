@@ -96,6 +96,9 @@ def storage_failure(exc: BaseException) -> str | None:
         )
     if isinstance(exc, sqlite3.OperationalError) and _SQLITE_STORAGE.search(str(exc)):
         return f"{_sqlite_path(exc)}: {exc}"
+    lake = sys.modules.get("groupsync_pipeline.storage.lake")
+    if lake is not None and isinstance(exc, lake.LakeConfigError | lake.LakeBusyError):
+        return str(exc)
     return None
 
 
@@ -191,9 +194,9 @@ def sandbox(port: int) -> None:
 
 def _warehouse(data_dir: Path | None) -> Any:
     from groupsync_pipeline.config import data_dir as configured_data_dir
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
-    return Warehouse(configured_data_dir(data_dir))
+    return Lake(configured_data_dir(data_dir))
 
 
 _DATA_DIR_OPTION = click.option(
@@ -202,6 +205,15 @@ _DATA_DIR_OPTION = click.option(
     default=None,
     help="Data directory (default: $GROUPSYNC_DATA_DIR, else ./groupsync-data).",
 )
+
+
+@main.command("lake")
+@_DATA_DIR_OPTION
+def lake_command(data_dir: Path | None) -> None:
+    """Where the lake is, and how to attach it from Python or a DuckDB 1.5.5 shell."""
+    from groupsync_pipeline.storage.lake import attach_instructions
+
+    click.echo(for_terminal(attach_instructions(_warehouse(data_dir)), keep_newlines=True))
 
 
 @main.command("import-group")
@@ -247,9 +259,9 @@ def import_group_command(
         wait_for = parse_duration(timeout, "--timeout").total_seconds()
     except InvestigationError as exc:
         raise click.BadParameter(str(exc), param_hint="--timeout") from None
-    warehouse = _warehouse(data_dir)
+    lake = _warehouse(data_dir)
     try:
-        ids = request_imports(connection, list(groups), warehouse, notify_email=notify)
+        ids = request_imports(connection, list(groups), lake, notify_email=notify)
     except RequestRefusedError as exc:
         raise click.ClickException(f"{exc}. Nothing was recorded.") from None
     for request_id, group in zip(ids, groups, strict=True):
@@ -261,15 +273,15 @@ def import_group_command(
             f"`groupsync requests wait {' '.join(map(str, ids))}`."
         )
         return
-    _follow(ids, warehouse, wait_for)
+    _follow(ids, lake, wait_for)
 
 
-def _follow(ids: list[int], warehouse: Any, timeout: float) -> None:
+def _follow(ids: list[int], lake: Any, timeout: float) -> None:
     from groupsync_pipeline.import_requests import follow_requests
 
     # Group names and errors come from the apps: shown neutralized, like every listing.
     outcome = follow_requests(
-        ids, warehouse, timeout=timeout, echo=lambda line: click.echo(for_terminal(line))
+        ids, lake, timeout=timeout, echo=lambda line: click.echo(for_terminal(line))
     )
     if outcome.unfinished:
         click.echo(
@@ -309,8 +321,8 @@ def requests_command(
         return
     from groupsync_pipeline.storage.control import ControlStore
 
-    warehouse = _warehouse(data_dir)
-    rows = ControlStore(warehouse.data_dir).recent((status,) if status else None, limit)
+    lake = _warehouse(data_dir)
+    rows = ControlStore(lake.data_dir).recent((status,) if status else None, limit)
     if fmt != "table":
         click.echo(_requests_machine_output(rows, fmt), color=True)  # color: keep data exact
         return
@@ -410,8 +422,8 @@ def confirm_shrink_command(group: str, connection: str | None, data_dir: Path | 
 
     from groupsync_pipeline.storage.control import ControlStore
 
-    warehouse = _warehouse(data_dir)
-    with warehouse.read() as conn:
+    lake = _warehouse(data_dir)
+    with lake.read() as conn:
         holds = conn.execute(
             """
             SELECT h.group_id, g.name, h.members_before, h.members_after, h.detected_at
@@ -427,7 +439,7 @@ def confirm_shrink_command(group: str, connection: str | None, data_dir: Path | 
         ids = ", ".join(row[0] for row in holds)
         raise click.ClickException(f"{group!r} names several held groups ({ids}): give the id")
     group_id, name, before, after, detected = holds[0]
-    ControlStore(warehouse.data_dir).confirm_shrink(group_id, getpass.getuser(), before, after)
+    ControlStore(lake.data_dir).confirm_shrink(group_id, getpass.getuser(), before, after)
     click.echo(
         f"confirmed: {name!r} ({for_terminal(group_id)}) may go from {before} to {after} members "
         f"(held since {detected:%Y-%m-%d %H:%M} UTC). The next hourly sync applies it; "
@@ -698,7 +710,7 @@ def groups_command(
     from groupsync_pipeline.connectors.base import ConnectorError
     from groupsync_pipeline.imports import refresh_group_catalog
 
-    warehouse = _warehouse(data_dir)
+    lake = _warehouse(data_dir)
     failures: list[str] = []
     names: list[str] | None = None
     if connection is not None or refresh:
@@ -713,7 +725,7 @@ def groups_command(
             try:
                 refresh_group_catalog(
                     chosen_connection,
-                    warehouse,
+                    lake,
                     log=lambda line: click.echo(for_terminal(line), err=True),
                 )
             except (ConnectorError, ConfigError) as exc:
@@ -728,7 +740,7 @@ def groups_command(
         if not names:
             raise click.ClickException(f"catalog refresh failed for: {', '.join(failures)}")
     try:
-        with open_analyst_data(warehouse.data_dir, "group_catalog") as conn:
+        with open_analyst_data(lake.data_dir, "group_catalog") as conn:
             found = find_catalog_groups(
                 conn, connections=names, search=search, imported=imported, limit=limit
             )

@@ -18,7 +18,7 @@ from groupsync_pipeline.defs.jobs import (
     refresh_group_catalogs,
     sync_group_memberships,
 )
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.defs.schedules import activities_schedule, membership_sync_schedule
 from groupsync_pipeline.defs.sensors import import_request_sensor
 
@@ -33,5 +33,5 @@ defs = dg.Definitions(
     jobs=[import_user_group, refresh_group_catalogs, sync_group_memberships, ingest_activities],
     schedules=[membership_sync_schedule, activities_schedule],
     sensors=[import_request_sensor],
-    resources={"connections": ConnectionsResource(), "warehouse": WarehouseResource()},
+    resources={"connections": ConnectionsResource(), "lake": LakeResource()},
 )

@@ -150,16 +150,16 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
 
     from groupsync_pipeline.dagster_home import open_dagster_instance
     from groupsync_pipeline.definitions import defs
-    from groupsync_pipeline.defs.resources import WarehouseResource
+    from groupsync_pipeline.defs.resources import LakeResource
     from groupsync_pipeline.import_requests import RequestRefusedError, request_imports
     from groupsync_pipeline.import_runs import REQUEST_ID_TAG
     from groupsync_pipeline.sandbox.graph import GraphSandbox
     from groupsync_pipeline.smtp_sink import SmtpSink
     from groupsync_pipeline.storage.control import ControlStore
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    warehouse = Warehouse(data_dir)
+    lake = Lake(data_dir)
     control = ControlStore(data_dir)
     with ExitStack() as stack:
         sandbox = stack.enter_context(GraphSandbox(management_slot_seconds=DEMO_BLOB_SECONDS))
@@ -195,9 +195,7 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
 
         for group in DEMO_GROUPS:
             try:
-                (request_id,) = request_imports(
-                    "sandbox", [group], warehouse, notify_email=DEMO_NOTIFY
-                )
+                (request_id,) = request_imports("sandbox", [group], lake, notify_email=DEMO_NOTIFY)
             except RequestRefusedError as exc:
                 echo(f"Not requested again: {exc}")
                 continue
@@ -205,7 +203,7 @@ def run_demo(data_dir: Path, echo: Echo) -> None:
 
         sensor = defs.resolve_sensor_def("import_request_sensor")
         import_job = defs.resolve_job_def("import_user_group")
-        resources = {"warehouse": WarehouseResource(data_dir=str(data_dir))}
+        resources = {"lake": LakeResource(data_dir=str(data_dir))}
 
         def sensor_context() -> dg.SensorEvaluationContext:
             context = dg.build_sensor_context(instance=instance, resources=resources)

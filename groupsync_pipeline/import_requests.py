@@ -32,7 +32,7 @@ from groupsync_pipeline.storage.control import (
     RequestRefusal,
     committed_import,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 MAX_IMPORTED_GROUPS_ENV = "GROUPSYNC_MAX_IMPORTED_GROUPS"
 DEFAULT_MAX_IMPORTED_GROUPS = 500  # the limit documented by the product groupsync mirrors
@@ -90,10 +90,10 @@ def _live_entry(connection: Connection, reference: str) -> CatalogEntry:
     return CatalogEntry(group.remote_id, group.name)
 
 
-def imported_groups(warehouse: Warehouse) -> ImportedGroups:
-    """Every imported group that exists now, per the warehouse, and when that was read."""
+def imported_groups(lake: Lake) -> ImportedGroups:
+    """Every imported group that exists now, per the lake, and when that was read."""
     read_at = datetime.now(UTC)
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         rows = conn.execute(
             "SELECT connection, remote_group_id, group_id, imported_at FROM user_groups "
             "WHERE type = 'imported' AND deleted_at IS NULL"
@@ -109,7 +109,7 @@ def imported_groups(warehouse: Warehouse) -> ImportedGroups:
 
 def record_checked(
     requests: list[NewRequest],
-    warehouse: Warehouse,
+    lake: Lake,
     environ: Mapping[str, str] = os.environ,
     *,
     reimport: bool = False,
@@ -121,9 +121,9 @@ def record_checked(
         limit = max_imported_groups(environ)
     except ConfigError as exc:
         raise RequestRefusedError(str(exc)) from None
-    known = imported_groups(warehouse)
+    known = imported_groups(lake)
     try:
-        return ControlStore(warehouse.data_dir).add_requests(
+        return ControlStore(lake.data_dir).add_requests(
             requests, limit=limit, imported=known, reimport=reimport
         )
     except RequestLimitError as exc:
@@ -138,7 +138,7 @@ def record_checked(
 def request_imports(
     connection_name: str,
     group_references: list[str],
-    warehouse: Warehouse,
+    lake: Lake,
     *,
     notify_email: str | None = None,
     connections_file: str | None = None,
@@ -152,7 +152,7 @@ def request_imports(
         notify = None if notify_email is None else check_email_address(notify_email)
     except ConfigError as exc:
         raise RequestRefusedError(str(exc)) from None
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         catalog = [
             CatalogEntry(row[0], row[1])
             for row in conn.execute(
@@ -182,16 +182,14 @@ def request_imports(
             )
             for reference, entry in zip(group_references, entries, strict=True)
         ],
-        warehouse,
+        lake,
         environ,
     )
 
 
-def retry_request(
-    request_id: int, warehouse: Warehouse, environ: Mapping[str, str] = os.environ
-) -> int:
+def retry_request(request_id: int, lake: Lake, environ: Mapping[str, str] = os.environ) -> int:
     """A new pending request repeating a failed or canceled one; returns its id."""
-    control = ControlStore(warehouse.data_dir)
+    control = ControlStore(lake.data_dir)
     original = control.get(request_id)
     if original is None:
         raise RequestRefusedError(f"no request {request_id}")
@@ -212,7 +210,7 @@ def retry_request(
                 retry_of=original.request_id,
             )
         ],
-        warehouse,
+        lake,
         environ,
     )
     return new_id
@@ -228,12 +226,12 @@ class FollowResult:
     unfinished: list[int]  # still pending or running when the time was up
 
 
-def _queryable(warehouse: Warehouse, request: ImportRequest) -> bool:
+def _queryable(lake: Lake, request: ImportRequest) -> bool:
     """Whether the analysts' data holds the import of the request's run."""
     from groupsync_pipeline.investigation import InvestigationError, open_snapshot
 
     try:
-        with open_snapshot(warehouse.published_path, "group_syncs") as conn:
+        with open_snapshot(lake.data_dir, "group_syncs") as conn:
             return committed_import(conn, request) is not None
     except InvestigationError:
         return False
@@ -262,7 +260,7 @@ def describe_state(request: ImportRequest) -> str:
 
 def follow_requests(
     request_ids: list[int],
-    warehouse: Warehouse,
+    lake: Lake,
     *,
     timeout: float,
     echo: Callable[[str], None],
@@ -271,7 +269,7 @@ def follow_requests(
 ) -> FollowResult:
     """Wait until each request failed, or is done with its members queryable, printing every
     change of state; give up after ``timeout`` seconds."""
-    control = ControlStore(warehouse.data_dir)
+    control = ControlStore(lake.data_dir)
     deadline = clock() + timeout
     shown: dict[int, str] = {}
     result = FollowResult([], [], [])
@@ -284,7 +282,7 @@ def follow_requests(
             line = describe_state(request)
             settled = request.status in ("failed", "canceled")
             if request.status == "done":
-                settled = _queryable(warehouse, request)
+                settled = _queryable(lake, request)
                 if not settled:
                     line += " (committed; waiting for the analysts' copy)"
             if shown.get(request_id) != line:

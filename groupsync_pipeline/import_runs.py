@@ -1,5 +1,5 @@
 """One import run and its request: which request a run carries out, its tags, its progress, and
-its outcome, recorded only once the warehouse holds it.
+its outcome, recorded only once the lake holds it.
 
 A run launched by the sensor carries its request's unique key and claims that request; a run
 launched from the launchpad (or a script) records a request of its own through the same limit
@@ -28,7 +28,7 @@ from groupsync_pipeline.storage.control import (
     NewRequest,
     committed_import,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 REQUEST_ID_TAG = "groupsync/request_id"  # for people: the id `groupsync requests` shows
 REQUEST_KEY_TAG = "groupsync/request_key"  # for the pipeline: unique forever
@@ -73,11 +73,11 @@ def claim_request(
     connection_error: str | None,
     group: str,
     notify_email: str | None,
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> ImportRequest:
     """The request this run carries out: its own (launched by the sensor), or a new one
     recorded with the command line's checks. Raises RunRefusedError when there is none."""
-    control = ControlStore(warehouse.data_dir)
+    control = ControlStore(lake.data_dir)
     key = run.tags.get(REQUEST_KEY_TAG) or _legacy_key(control, run.tags)
     retry_of: int | None = None
     if key is not None:
@@ -113,7 +113,7 @@ def claim_request(
         with open_connector(connection) as connector:
             found = connector.find_group(group)
         request = replace(request, remote_group_id=found.remote_id, group_name=found.name)
-        (request_id,) = record_checked([request], warehouse, reimport=True)
+        (request_id,) = record_checked([request], lake, reimport=True)
     except (RequestRefusedError, ConfigError, ConnectorError) as exc:
         reason = f"notify_email: {exc}" if isinstance(exc, ConfigError) else str(exc)
         failed = control.get(control.add_failed_request(request, reason))
@@ -139,13 +139,13 @@ def carry_out(
     request: ImportRequest,
     connection: Connection,
     run_id: str,
-    warehouse: Warehouse,
+    lake: Lake,
     *,
     log: Log,
 ) -> ImportOutcome:
-    """Import the request's group; mark the request done once the warehouse holds it, or
-    failed when it does not. The warehouse decides: an error after the commit is a success."""
-    control = ControlStore(warehouse.data_dir)
+    """Import the request's group; mark the request done once the lake holds it, or
+    failed when it does not. The lake decides: an error after the commit is a success."""
+    control = ControlStore(lake.data_dir)
     last_progress = 0.0
 
     def progress(pages: int, members: int) -> None:
@@ -158,17 +158,17 @@ def carry_out(
         outcome = import_group_members(
             connection,
             request.remote_group_id or request.group_reference,
-            warehouse,
+            lake,
             run_id=run_id,
             log=log,
             on_progress=progress,
         )
     except BaseException as exc:
         try:
-            committed = _committed(warehouse, request, run_id)
-        except Exception as unreadable:  # settled from the warehouse by the sensor later
+            committed = _committed(lake, request, run_id)
+        except Exception as unreadable:  # settled from the lake by the sensor later
             log(
-                f"the warehouse could not be checked after the error ({unreadable}); the "
+                f"the lake could not be checked after the error ({unreadable}); the "
                 "import request is settled from it once the run has ended"
             )
             raise exc from None
@@ -202,7 +202,7 @@ def carry_out(
     return outcome
 
 
-def _committed(warehouse: Warehouse, request: ImportRequest, run_id: str) -> CommittedImport | None:
-    """The warehouse's record of this run's import (raises if the warehouse cannot be read)."""
-    with warehouse.read() as conn:
+def _committed(lake: Lake, request: ImportRequest, run_id: str) -> CommittedImport | None:
+    """The lake's record of this run's import (raises if the lake cannot be read)."""
+    with lake.read() as conn:
         return committed_import(conn, replace(request, run_id=run_id))

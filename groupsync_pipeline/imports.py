@@ -1,6 +1,6 @@
 """Import a group's members and refresh group catalogs: the work behind the Dagster assets.
 
-Reads from a connected app stream to a private staging file first; only then is the warehouse
+Reads from a connected app stream to a private staging file first; only then is the lake
 opened, for one short all-or-nothing transaction. A crash before the merge changes nothing.
 """
 
@@ -16,7 +16,7 @@ import pandas as pd
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connected_apps import open_connector
 from groupsync_pipeline.connectors.base import RemoteGroup, VendorError
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 from groupsync_pipeline.storage.writes import (
     MemberStaging,
     SyncResult,
@@ -42,14 +42,14 @@ class ImportOutcome:
 def import_group_members(
     connection: Connection,
     group_reference: str,
-    warehouse: Warehouse,
+    lake: Lake,
     *,
     run_id: str | None = None,
     log: Log = lambda message: None,
     progress_every: int = 10,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ImportOutcome:
-    """Read every member of the group and make the warehouse match, in one transaction.
+    """Read every member of the group and make the lake match, in one transaction.
 
     ``on_progress(pages, members)`` is called after every page read.
     """
@@ -61,7 +61,7 @@ def import_group_members(
         if pages % progress_every == 0:
             log(f"{connection.name}: {pages} pages fetched, {members} members so far")
 
-    staging = MemberStaging(warehouse.staging_path())
+    staging = MemberStaging(lake.staging_path())
     try:
         with open_connector(connection, on_page=on_page, log=log) as connector:
             group = connector.find_group(group_reference)
@@ -78,7 +78,7 @@ def import_group_members(
                 f"{group.member_count}; nothing was changed"
             )
         preview = staging.preview()
-        with warehouse.write() as conn:
+        with lake.write() as conn:
             # One duration for the run's metadata, the request, its email and group_syncs.
             duration = time.monotonic() - started
             result = merge_group_members(
@@ -117,7 +117,7 @@ class CatalogOutcome:
 
 
 def refresh_group_catalog(
-    connection: Connection, warehouse: Warehouse, *, log: Log = lambda message: None
+    connection: Connection, lake: Lake, *, log: Log = lambda message: None
 ) -> CatalogOutcome:
     """Replace the connection's catalog with the groups that exist in the app now."""
     started = time.monotonic()
@@ -125,7 +125,7 @@ def refresh_group_catalog(
         groups = list(connector.group_catalog())
     now = datetime.now(UTC)
     frame = catalog_frame(connection, groups, now)
-    with warehouse.write() as conn:
+    with lake.write() as conn:
         replace_catalog(conn, connection, frame, now)
     outcome = CatalogOutcome(
         connection=connection.name,

@@ -2,7 +2,7 @@
 
 Used by the ``groupsync activities`` and ``groupsync alerts`` commands, the demo and tests. It
 reads the analysts' data read-only and briefly (``analyst_data.open_analyst_data``), never the
-private warehouse, so it never blocks the pipeline.
+private lake, so it never blocks the pipeline.
 
 Every value a person types reaches DuckDB as a bound parameter; the SQL text is assembled only
 from fixed fragments chosen by which filters are set.
@@ -159,9 +159,9 @@ def _check_limit(limit: int) -> None:
 
 
 @contextmanager
-def open_snapshot(published_path: Path, table: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    """``open_analyst_data`` for the data directory holding ``published_path``."""
-    with open_analyst_data(published_path.parent, table) as conn:
+def open_snapshot(data_dir: Path, table: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``open_analyst_data`` for ``data_dir``."""
+    with open_analyst_data(data_dir, table) as conn:
         yield conn
 
 
@@ -254,7 +254,7 @@ def find_activities(conn: duckdb.DuckDBPyConnection, flt: ActivityFilter) -> Fou
         limit_sql = "LIMIT $limit"
         params["limit"] = flt.limit + 1  # one extra row tells whether more exist
     # Filter and cut first, then attach group names to the few rows kept: the tagged view
-    # would aggregate groups for every activity in the warehouse.
+    # would aggregate groups for every activity in the lake.
     sql = f"""
         WITH picked AS (
             SELECT a.activity_id, a.occurred_at, a.connection, a.actor_email, a.action,

@@ -4,7 +4,7 @@ Microsoft Graph's groups delta query reports only what changed since the saved d
 hourly sync costs requests in proportion to the changes, not to group sizes. A full read (a new
 delta chain from scratch) happens on the first sync, when the app rejects the saved state, once
 a day (``full_sync_every``: catches what deltas can miss, such as permanently deleted users), to
-verify a held shrink, or when asked. Everything read is staged first; the warehouse changes in
+verify a held shrink, or when asked. Everything read is staged first; the lake changes in
 one transaction at the end, so a sync that fails midway changes nothing.
 """
 
@@ -25,6 +25,7 @@ from groupsync_pipeline.connectors.base import (
     UnreadableAccount,
 )
 from groupsync_pipeline.storage.control import ControlStore
+from groupsync_pipeline.storage.lake import Lake
 from groupsync_pipeline.storage.sync_writes import (
     DeltaStaging,
     RoundResult,
@@ -33,7 +34,6 @@ from groupsync_pipeline.storage.sync_writes import (
     imported_groups,
     resolve_round,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
 
 Log = Callable[[str], None]
 DEFAULT_FULL_SYNC_EVERY = timedelta(hours=24)
@@ -113,7 +113,7 @@ def _read_round(
 
 def sync_connection(
     connection: Connection,
-    warehouse: Warehouse,
+    lake: Lake,
     control: ControlStore,
     *,
     run_id: str | None = None,
@@ -126,9 +126,9 @@ def sync_connection(
     """Bring every imported group of ``connection`` up to date with the app."""
     started = time.monotonic()
     policy = policy or ShrinkPolicy()
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         live, deleted = imported_groups(conn, connection.name)
-        # SELECT *: a warehouse from before api_root existed lacks it until its next write.
+        # SELECT *: a lake from before api_root existed lacks it until its next write.
         cursor = conn.execute(
             "SELECT * FROM connection_sync_state WHERE connection = ?", [connection.name]
         )
@@ -161,7 +161,7 @@ def sync_connection(
         reason = "periodic"
     outcome = ConnectionSyncOutcome(connection.name, "full" if reason else "delta")
 
-    staging = DeltaStaging(warehouse.staging_path())
+    staging = DeltaStaging(lake.staging_path())
     try:
         with open_connector(connection, log=log) as connector:
             graph_url = getattr(connector, "graph_url", "")
@@ -173,18 +173,10 @@ def sync_connection(
                 outcome.mode = "full"
                 log(f"{connection.name}: {reason}; starting a full resync and a new delta chain")
                 staging.remove()
-                staging = DeltaStaging(warehouse.staging_path())
+                staging = DeltaStaging(lake.staging_path())
                 new_link = _read_round(connector, staging, None, log, progress_every)
             full = reason is not None
-            with warehouse.shared_lock():
-                unknown = resolve_round(
-                    staging,
-                    warehouse.warehouse_path,
-                    connection.name,
-                    full,
-                    live,
-                    deleted,
-                )
+            unknown = resolve_round(staging, lake, connection.name, full, live, deleted)
             if unknown:
                 log(f"{connection.name}: reading details of {len(unknown)} new members")
                 accounts: list[Account] = []
@@ -206,7 +198,7 @@ def sync_connection(
                     )
         outcome.pages = staging.pages
         outcome.changed_groups = staging.objects
-        with warehouse.write() as conn:
+        with lake.write() as conn:
             result: RoundResult = apply_round(
                 conn,
                 staging=staging,

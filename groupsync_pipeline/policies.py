@@ -546,8 +546,9 @@ def evaluate_policies(
 
 
 def _save_state(conn: duckdb.DuckDBPyConnection, name: str, through: int, digest: str) -> None:
+    conn.execute("DELETE FROM _policy_state WHERE policy = ?", [name])
     conn.execute(
-        "INSERT OR REPLACE INTO _policy_state (policy, evaluated_through, definition_hash)"
+        "INSERT INTO _policy_state (policy, evaluated_through, definition_hash)"
         " VALUES ($policy, $through, $digest)",
         {"policy": name, "through": through, "digest": digest},
     )
@@ -681,10 +682,9 @@ alert_rows AS (
      AND m.occurred_at BETWEEN b.from_at AND b.to_at
 )"""
 
-_INSERT = """
-INSERT INTO alerts (alert_id, policy, severity, raised_at, connection, actor_account_id,
-                    actor_email, groups, activity_ids, activity_count, first_at, last_at,
-                    summary, notified_at)
+# The new alerts go to a temporary table first: DuckLake has no INSERT ... RETURNING.
+_NEW_ALERTS = """
+CREATE OR REPLACE TEMP TABLE new_alerts AS
 WITH {rows},
 alert_groups AS (
     -- The actor's tags that made it match (with no include_groups: all of its tags).
@@ -709,9 +709,10 @@ candidates AS (
     FROM alert_rows AS r
     GROUP BY r.connection, r.actor_key, r.burst
 )
-SELECT c.alert_id, $policy, $severity, $now, c.connection, c.actor_account_id, c.actor_email,
-       coalesce(ag.groups, []::VARCHAR[]), c.activity_ids, c.activity_count, c.first_at,
-       c.last_at,
+SELECT c.alert_id, $policy::VARCHAR AS policy, $severity::VARCHAR AS severity,
+       $now::TIMESTAMPTZ AS raised_at, c.connection, c.actor_account_id, c.actor_email,
+       coalesce(ag.groups, []::VARCHAR[]) AS groups, c.activity_ids, c.activity_count,
+       c.first_at, c.last_at,
        format('{{}}: {{}} ({{}}) {{}} {{}} between {{}} and {{}} UTC{{}}', $policy,
               coalesce(c.actor_email, c.actor_account_id, 'unknown actor'), c.connection,
               c.activity_count,
@@ -719,14 +720,13 @@ SELECT c.alert_id, $policy, $severity, $now, c.connection, c.actor_account_id, c
                    ELSE 'matching activities' END,
               strftime(c.first_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M'),
               strftime(c.last_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M'),
-              $summary_suffix),
-       NULL
+              $summary_suffix) AS summary,
+       NULL::TIMESTAMPTZ AS notified_at
 FROM candidates AS c
 LEFT JOIN alert_groups AS ag
   ON ag.connection = c.connection AND ag.actor_key = c.actor_key AND ag.burst = c.burst
 WHERE NOT EXISTS (SELECT 1 FROM alerts AS x WHERE x.alert_id = c.alert_id)
   {overlap_guard}
-RETURNING *
 """
 
 # Threshold alerts: none when an alert of the policy for the actor already overlaps the burst.
@@ -765,10 +765,14 @@ def _raise_alerts(
         params["summary_suffix"] = (
             f" (threshold: {policy.threshold.count} within {policy.threshold.window_text})"
         )
-    sql = _INSERT.format(
+    sql = _NEW_ALERTS.format(
         rows=rows, group_filter=group_filter, overlap_guard=guard, cap=MAX_ALERT_ACTIVITY_IDS
     )
-    return conn.execute(sql, params).df()
+    conn.execute(sql, params)
+    conn.execute("INSERT INTO alerts BY NAME SELECT * FROM new_alerts")
+    new = conn.execute("SELECT * FROM new_alerts").df()
+    conn.execute("DROP TABLE new_alerts")
+    return new
 
 
 def unknown_group_warnings(

@@ -1,4 +1,4 @@
-"""Running the real Dagster jobs on a temporary instance, and reading the published DuckDB."""
+"""Running the real Dagster jobs on a temporary instance, and reading the lake."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 
 from groupsync_pipeline.definitions import defs
-from groupsync_pipeline.storage.warehouse import PUBLISHED_FILE
+from groupsync_pipeline.storage.lake import Lake
 
 
 def run_job(
@@ -30,7 +29,7 @@ def run_job(
             "ops": {op[job]: {"config": op_config}},
             "resources": {
                 "connections": {"config": {"connections_file": str(connections_file)}},
-                "warehouse": {"config": {"data_dir": str(data_dir)}},
+                "lake": {"config": {"data_dir": str(data_dir)}},
             },
         },
         instance=instance,
@@ -55,11 +54,9 @@ def import_group(
 
 
 def query(data_dir: Path, sql: str, params: list[Any] | None = None) -> list[tuple]:
-    conn = duckdb.connect(str(data_dir / PUBLISHED_FILE), read_only=True)
-    try:
+    """A query on the lake as analysts read it (read-only, latest snapshot)."""
+    with Lake(data_dir).read() as conn:
         return conn.execute(sql, params or []).fetchall()
-    finally:
-        conn.close()
 
 
 def memberships(data_dir: Path) -> list[tuple]:

@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from groupsync_pipeline.sandbox.graph import GraphSandbox
+from groupsync_pipeline.storage.lake import Lake
 from tests.conftest import SECRET_ENV, write_connections
 from tests.pipeline_helpers import (
     check_results,
@@ -189,7 +190,6 @@ def test_concurrent_ingests_store_each_event_once(env, quiet_tenant: GraphSandbo
 
     from groupsync_pipeline.activity_ingest import ingest_connection
     from groupsync_pipeline.config import load_connections
-    from groupsync_pipeline.storage.warehouse import Warehouse
 
     _, connections, data_dir = env
     (connection,) = load_connections(connections)
@@ -199,9 +199,9 @@ def test_concurrent_ingests_store_each_event_once(env, quiet_tenant: GraphSandbo
         quiet_tenant.activity.add_sign_in(user, now - 30 + i, country="US")
         for i, user in enumerate(users)
     ]
-    warehouse = Warehouse(data_dir)
+    lake = Lake(data_dir)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(lambda _: ingest_connection(connection, warehouse), range(2)))
+        outcomes = list(pool.map(lambda _: ingest_connection(connection, lake), range(2)))
     # Both read the same events; the writer lock serializes the merges and the second one
     # finds them stored.
     assert sorted(o.merge.new for o in outcomes) == [0, len(injected)]
@@ -229,7 +229,7 @@ def test_bad_ingest_settings_fail_clearly_and_read_nothing(
     assert not result.success
     assert f"{variable} must be a number from" in failure_message(result)
     assert not any(r.path.startswith("/v1.0/auditLogs") for r in quiet_tenant.requests)
-    assert not (data_dir / "groupsync.duckdb").exists()
+    assert not Lake(data_dir).exists()
 
 
 def test_an_unknown_connection_in_run_config_fails_clearly(env) -> None:
@@ -240,7 +240,7 @@ def test_an_unknown_connection_in_run_config_fails_clearly(env) -> None:
     assert not result.success
     message = failure_message(result)
     assert "nope" in message and "contoso" in message  # names the configured connections
-    assert not (data_dir / "groupsync.duckdb").exists()
+    assert not Lake(data_dir).exists()
 
 
 def actors_by_event(data_dir: Path) -> dict[str, tuple[str | None, str | None]]:

@@ -19,7 +19,7 @@ from groupsync_pipeline.storage.activity_writes import (
     merge_activities,
     unknown_actor_names,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 CONTOSO = Connection(name="contoso", app="office365")
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -56,17 +56,17 @@ def event(
 
 
 def ingest(
-    warehouse: Warehouse,
+    lake: Lake,
     events: list[Activity],
     now: datetime,
     admins: list[Account] | None = None,
     domains: list[str] | None = DOMAINS,
     lookup: ActorLookup | None = NOTHING_TO_LOOK_UP,
 ):
-    staging = ActivityStaging(warehouse.staging_path())
+    staging = ActivityStaging(lake.staging_path())
     try:
         staging.add(events)
-        with warehouse.write() as conn:
+        with lake.write() as conn:
             return merge_activities(
                 conn,
                 connection=CONTOSO,
@@ -94,13 +94,13 @@ def file_event(event_id: str, at: datetime, name: str | None, actor_type: str | 
     )._replace(actor_type=actor_type)
 
 
-def actors(warehouse: Warehouse) -> dict[str, str | None]:
-    with warehouse.read() as conn:
+def actors(lake: Lake) -> dict[str, str | None]:
+    with lake.read() as conn:
         return dict(conn.execute("SELECT event_id, actor_account_id FROM activities").fetchall())
 
 
-def external_members(warehouse: Warehouse) -> list[str]:
-    with warehouse.read() as conn:
+def external_members(lake: Lake) -> list[str]:
+    with lake.read() as conn:
         rows = conn.execute(
             "SELECT account_id FROM group_memberships "
             "WHERE group_id = 'contoso:auto:external' ORDER BY 1"
@@ -108,21 +108,22 @@ def external_members(warehouse: Warehouse) -> list[str]:
     return [row[0] for row in rows]
 
 
-def accounts(warehouse: Warehouse) -> dict[str, tuple]:
-    with warehouse.read() as conn:
+def accounts(lake: Lake) -> dict[str, tuple]:
+    with lake.read() as conn:
         rows = conn.execute(
             "SELECT account_id, email, user_type, is_external FROM accounts"
         ).fetchall()
     return {row[0]: row[1:] for row in rows}
 
 
-def add_group(warehouse: Warehouse, name: str, imported_at: datetime, intervals: list) -> str:
+def add_group(lake: Lake, name: str, imported_at: datetime, intervals: list) -> str:
     """An imported group with membership intervals [(account, valid_from, valid_to)]."""
     group_id = f"contoso:{name.lower()}"
-    with warehouse.write() as conn:
+    with lake.write() as conn:
         conn.execute(
             "INSERT INTO user_groups VALUES "
-            "(?, ?, 'imported', 'contoso', ?, ?, ?, 0, NULL, DEFAULT)",
+            "(?, ?, 'imported', 'contoso', ?, ?, ?, 0, NULL,"
+            " (SELECT coalesce(max(group_key), 0) + 1 FROM user_groups))",
             [group_id, name, name.lower(), imported_at, imported_at],
         )
         for account, start, end in intervals:
@@ -133,8 +134,8 @@ def add_group(warehouse: Warehouse, name: str, imported_at: datetime, intervals:
     return group_id
 
 
-def tags(warehouse: Warehouse) -> dict[str, list[str]]:
-    with warehouse.read() as conn:
+def tags(lake: Lake) -> dict[str, list[str]]:
+    with lake.read() as conn:
         rows = conn.execute(
             "SELECT event_id, groups FROM activities_tagged ORDER BY event_id"
         ).fetchall()
@@ -142,15 +143,15 @@ def tags(warehouse: Warehouse) -> dict[str, list[str]]:
 
 
 @pytest.fixture
-def warehouse(tmp_path: Path) -> Warehouse:
-    return Warehouse(tmp_path)
+def lake(tmp_path: Path) -> Lake:
+    return Lake(tmp_path)
 
 
-def test_boundaries_join_and_leave_exactly_at_the_activity(warehouse: Warehouse) -> None:
+def test_boundaries_join_and_leave_exactly_at_the_activity(lake: Lake) -> None:
     joined, left = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
-    add_group(warehouse, "HR", T0, [("u-ann", joined, left)])
+    add_group(lake, "HR", T0, [("u-ann", joined, left)])
     ingest(
-        warehouse,
+        lake,
         [
             event("before-join", joined - timedelta(microseconds=1)),
             event("at-join", joined),
@@ -160,7 +161,7 @@ def test_boundaries_join_and_leave_exactly_at_the_activity(warehouse: Warehouse)
         ],
         now=T0 + timedelta(hours=3),
     )
-    assert tags(warehouse) == {
+    assert tags(lake) == {
         "before-join": [],
         "at-join": ["HR"],  # valid_from is inclusive
         "inside": ["HR"],
@@ -169,45 +170,45 @@ def test_boundaries_join_and_leave_exactly_at_the_activity(warehouse: Warehouse)
     }
 
 
-def test_a_group_tags_only_activities_at_or_after_its_import(warehouse: Warehouse) -> None:
+def test_a_group_tags_only_activities_at_or_after_its_import(lake: Lake) -> None:
     # The interval starts before the import here on purpose: the import time still rules.
-    add_group(warehouse, "Finance", T0, [("u-ann", T0 - timedelta(days=1), None)])
+    add_group(lake, "Finance", T0, [("u-ann", T0 - timedelta(days=1), None)])
     ingest(
-        warehouse,
+        lake,
         [event("before-import", T0 - timedelta(seconds=1)), event("at-import", T0)],
         now=T0 + timedelta(hours=1),
     )
-    assert tags(warehouse) == {"before-import": [], "at-import": ["Finance"]}
+    assert tags(lake) == {"before-import": [], "at-import": ["Finance"]}
 
 
-def test_importing_later_never_tags_older_activities(warehouse: Warehouse) -> None:
-    ingest(warehouse, [event("old", T0)], now=T0 + timedelta(minutes=5))
+def test_importing_later_never_tags_older_activities(lake: Lake) -> None:
+    ingest(lake, [event("old", T0)], now=T0 + timedelta(minutes=5))
     imported = T0 + timedelta(hours=1)
-    add_group(warehouse, "Executives", imported, [("u-ann", imported, None)])
+    add_group(lake, "Executives", imported, [("u-ann", imported, None)])
     ingest(
-        warehouse,
+        lake,
         [event("new", imported + timedelta(minutes=1))],
         now=imported + timedelta(hours=1),
     )
-    assert tags(warehouse) == {"old": [], "new": ["Executives"]}
+    assert tags(lake) == {"old": [], "new": ["Executives"]}
     # Tagging again (another run with nothing new) changes nothing.
-    ingest(warehouse, [], now=imported + timedelta(hours=2))
-    assert tags(warehouse) == {"old": [], "new": ["Executives"]}
+    ingest(lake, [], now=imported + timedelta(hours=2))
+    assert tags(lake) == {"old": [], "new": ["Executives"]}
 
 
-def test_repeats_are_stored_once_and_keep_their_ids(warehouse: Warehouse) -> None:
-    add_group(warehouse, "HR", T0, [("u-ann", T0, None)])
+def test_repeats_are_stored_once_and_keep_their_ids(lake: Lake) -> None:
+    add_group(lake, "HR", T0, [("u-ann", T0, None)])
     first = [event(f"e{i}", T0 + timedelta(minutes=i)) for i in range(5)]
-    result = ingest(warehouse, first + first[:2], now=T0 + timedelta(hours=1))
+    result = ingest(lake, first + first[:2], now=T0 + timedelta(hours=1))
     assert (result.received, result.new) == (7, 5)
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         before = conn.execute("SELECT activity_id, event_id FROM activities ORDER BY 1").fetchall()
     # The next read overlaps the last one: the same five come again, plus one new.
     again = ingest(
-        warehouse, [*first, event("e5", T0 + timedelta(minutes=50))], now=T0 + timedelta(hours=2)
+        lake, [*first, event("e5", T0 + timedelta(minutes=50))], now=T0 + timedelta(hours=2)
     )
     assert (again.received, again.new) == (6, 1)
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         after = conn.execute("SELECT activity_id, event_id FROM activities ORDER BY 1").fetchall()
         tag_rows = conn.execute("SELECT count(*) FROM activity_groups").fetchall()[0][0]
     assert after[:5] == before
@@ -216,24 +217,24 @@ def test_repeats_are_stored_once_and_keep_their_ids(warehouse: Warehouse) -> Non
 
 
 def test_a_late_event_inside_the_overlap_is_stored_and_tagged_by_its_own_time(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
     left = T0 + timedelta(minutes=30)
-    add_group(warehouse, "HR", T0, [("u-ann", T0, left)])
-    ingest(warehouse, [event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=1))
+    add_group(lake, "HR", T0, [("u-ann", T0, left)])
+    ingest(lake, [event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=1))
     # Published late: it happened while Ann was still in HR, and arrives after she left.
     late = event("late", T0 + timedelta(minutes=10))
     result = ingest(
-        warehouse, [late, event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=2)
+        lake, [late, event("on-time", T0 + timedelta(minutes=40))], now=T0 + timedelta(hours=2)
     )
     assert result.new == 1
     assert result.late_by_source == {"signIns": 1}  # before the last read ended: the overlap
-    assert tags(warehouse) == {"late": ["HR"], "on-time": []}
+    assert tags(lake) == {"late": ["HR"], "on-time": []}
 
 
-def test_file_events_find_their_actor_by_sign_in_name(warehouse: Warehouse) -> None:
-    add_group(warehouse, "HR", T0, [("u-bob", T0, None)])
-    with warehouse.write() as conn:
+def test_file_events_find_their_actor_by_sign_in_name(lake: Lake) -> None:
+    add_group(lake, "HR", T0, [("u-bob", T0, None)])
+    with lake.write() as conn:
         conn.execute(
             "INSERT INTO accounts VALUES ('contoso', 'u-bob', 'Bob@Contoso.example', 'Bob', "
             "'bob@contoso.example', 'Member', false, true, ?, ?)",
@@ -260,19 +261,19 @@ def test_file_events_find_their_actor_by_sign_in_name(warehouse: Warehouse) -> N
         source="Audit.SharePoint",
         action="FileAccessed",
     )
-    result = ingest(warehouse, [file_event, signin, cat_file], now=T0 + timedelta(hours=1))
+    result = ingest(lake, [file_event, signin, cat_file], now=T0 + timedelta(hours=1))
     assert result.resolved_actors == 2
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         actors = dict(conn.execute("SELECT event_id, actor_account_id FROM activities").fetchall())
     assert actors == {"file-1": "u-bob", "signin-1": "u-cat", "file-2": "u-cat"}
-    assert tags(warehouse)["file-1"] == ["HR"]
+    assert tags(lake)["file-1"] == ["HR"]
 
 
 def test_external_group_starts_when_created_and_holds_outside_people(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
     created = T0
-    ingest(warehouse, [], now=created)  # the first ingest creates the automatic groups
+    ingest(lake, [], now=created)  # the first ingest creates the automatic groups
     guest = event(
         "guest",
         T0 + timedelta(minutes=1),
@@ -299,20 +300,20 @@ def test_external_group_starts_when_created_and_holds_outside_people(
     )
     staff = event("staff", T0 + timedelta(minutes=3))
     result = ingest(
-        warehouse,
+        lake,
         [guest, outsider, before, staff],
         now=T0 + timedelta(hours=1),
         # The directory has no account by that name: an outside person.
         lookup=ActorLookup(absent=frozenset({"someone@partner.example"})),
     )
     assert result.external_joined == 2
-    assert tags(warehouse) == {
+    assert tags(lake) == {
         "guest": ["External"],
         "outsider": ["External"],
         "outsider-before": [],  # before the group existed: automatic groups tag from creation
         "staff": [],
     }
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         outsider_account = conn.execute(
             "SELECT account_id, is_external FROM accounts "
             "WHERE lower(email) = 'someone@partner.example'"
@@ -320,10 +321,10 @@ def test_external_group_starts_when_created_and_holds_outside_people(
     assert outsider_account == [("someone@partner.example", True)]
 
 
-def test_no_verified_domains_means_only_guests_are_external(warehouse: Warehouse) -> None:
-    ingest(warehouse, [], now=T0, domains=None)
+def test_no_verified_domains_means_only_guests_are_external(lake: Lake) -> None:
+    ingest(lake, [], now=T0, domains=None)
     result = ingest(
-        warehouse,
+        lake,
         [event("a", T0 + timedelta(minutes=1), email="ann@elsewhere.example")],
         now=T0 + timedelta(hours=1),
         domains=None,
@@ -331,27 +332,27 @@ def test_no_verified_domains_means_only_guests_are_external(warehouse: Warehouse
     assert result.external_joined == 0
 
 
-def test_administrators_group_follows_the_role_holders(warehouse: Warehouse) -> None:
+def test_administrators_group_follows_the_role_holders(lake: Lake) -> None:
     ann = Account(
         "u-ann", "ann@contoso.example", "Ann", "ann@contoso.example", "Member", False, True
     )
     bob = Account(
         "u-bob", "bob@contoso.example", "Bob", "bob@contoso.example", "Member", False, True
     )
-    first = ingest(warehouse, [], now=T0, admins=[ann, bob])
+    first = ingest(lake, [], now=T0, admins=[ann, bob])
     assert (first.admins_joined, first.admins_left) == (2, 0)
     later = T0 + timedelta(hours=1)
     second = ingest(
-        warehouse,
+        lake,
         [event("ann-abroad", later + timedelta(minutes=1), country="NG")],
         now=later + timedelta(minutes=5),
         admins=[ann],
     )
     assert (second.admins_joined, second.admins_left) == (0, 1)
     # Not read (e.g. a missing permission): the group is left as it was.
-    third = ingest(warehouse, [], now=later + timedelta(hours=1), admins=None)
+    third = ingest(lake, [], now=later + timedelta(hours=1), admins=None)
     assert (third.admins_joined, third.admins_left) == (0, 0)
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         members = conn.execute(
             "SELECT account_id, valid_to IS NULL FROM group_memberships "
             "WHERE group_id = 'contoso:auto:admins' ORDER BY 1"
@@ -361,14 +362,14 @@ def test_administrators_group_follows_the_role_holders(warehouse: Warehouse) -> 
         ).fetchall()
     assert members == [("u-ann", True), ("u-bob", False)]
     assert count == [(1,)]
-    assert tags(warehouse) == {"ann-abroad": ["Office 365 administrators"]}
+    assert tags(lake) == {"ann-abroad": ["Office 365 administrators"]}
 
 
-def test_a_failed_merge_stores_nothing(warehouse: Warehouse) -> None:
-    ingest(warehouse, [event("kept", T0)], now=T0 + timedelta(minutes=5))
-    staging = ActivityStaging(warehouse.staging_path())
+def test_a_failed_merge_stores_nothing(lake: Lake) -> None:
+    ingest(lake, [event("kept", T0)], now=T0 + timedelta(minutes=5))
+    staging = ActivityStaging(lake.staging_path())
     staging.add([event("lost", T0 + timedelta(minutes=1))])
-    with pytest.raises(RuntimeError, match="crash"), warehouse.write() as conn:
+    with pytest.raises(RuntimeError, match="crash"), lake.write() as conn:
         merge_activities(
             conn,
             connection=CONTOSO,
@@ -380,7 +381,7 @@ def test_a_failed_merge_stores_nothing(warehouse: Warehouse) -> None:
         )
         raise RuntimeError("crash after the merge, before the commit")
     staging.remove()
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         stored = conn.execute("SELECT event_id FROM activities").fetchall()
         state = conn.execute(
             "SELECT read_until FROM activity_sources_state WHERE source = 'signIns'"
@@ -390,7 +391,7 @@ def test_a_failed_merge_stores_nothing(warehouse: Warehouse) -> None:
 
 
 def test_file_events_take_the_place_of_a_sign_in_from_the_same_address(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
     def located(event_id: str, at: datetime, ip: str, source: str = "Audit.SharePoint"):
         return event(event_id, at, source=source, action="FileAccessed", country=None)._replace(
@@ -398,9 +399,9 @@ def test_file_events_take_the_place_of_a_sign_in_from_the_same_address(
         )
 
     lagos = event("signin-ng", T0, country="NG")._replace(ip_address="198.51.100.7", city="Lagos")
-    ingest(warehouse, [lagos], now=T0 + timedelta(minutes=5))
+    ingest(lake, [lagos], now=T0 + timedelta(minutes=5))
     ingest(
-        warehouse,
+        lake,
         [
             located("same-ip", T0 + timedelta(hours=2), "198.51.100.7"),
             located("other-ip", T0 + timedelta(hours=2), "192.0.2.1"),
@@ -409,7 +410,7 @@ def test_file_events_take_the_place_of_a_sign_in_from_the_same_address(
         ],
         now=T0 + timedelta(hours=26),
     )
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         places = {
             event_id: (country, city)
             for event_id, country, city in conn.execute(
@@ -425,15 +426,15 @@ def test_file_events_take_the_place_of_a_sign_in_from_the_same_address(
 
 
 def test_an_id_repeated_across_management_content_types_is_stored_once(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
     record = event("rec-1", T0, source="Audit.SharePoint", action="FileAccessed")
     again = record._replace(source="Audit.General")
-    first = ingest(warehouse, [record, again], now=T0 + timedelta(minutes=5))
-    later = ingest(warehouse, [again], now=T0 + timedelta(minutes=10))
+    first = ingest(lake, [record, again], now=T0 + timedelta(minutes=5))
+    later = ingest(lake, [again], now=T0 + timedelta(minutes=10))
     # Graph's logs are separate id spaces: the same id in two of them is two events.
     graph = ingest(
-        warehouse,
+        lake,
         [event("g-1", T0), event("g-1", T0, source="directoryAudits", action="Update user")],
         now=T0 + timedelta(minutes=15),
     )
@@ -441,9 +442,9 @@ def test_an_id_repeated_across_management_content_types_is_stored_once(
 
 
 def test_apps_and_the_system_are_never_external_but_sharing_links_are(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
-    ingest(warehouse, [], now=T0)
+    ingest(lake, [], now=T0)
 
     def file_event(event_id: str, email: str, actor_type: str) -> Activity:
         return event(
@@ -456,7 +457,7 @@ def test_apps_and_the_system_are_never_external_but_sharing_links_are(
         )._replace(actor_type=actor_type)
 
     result = ingest(
-        warehouse,
+        lake,
         [
             file_event("system", "app@sharepoint", "system"),
             file_event("application", "robot@vendor.example", "application"),
@@ -465,11 +466,11 @@ def test_apps_and_the_system_are_never_external_but_sharing_links_are(
         now=T0 + timedelta(hours=1),
     )
     assert result.external_joined == 1
-    assert tags(warehouse) == {"system": [], "application": [], "link": ["External"]}
+    assert tags(lake) == {"system": [], "application": [], "link": ["External"]}
 
 
-def test_a_sparse_admin_listing_keeps_what_a_full_read_stored(warehouse: Warehouse) -> None:
-    with warehouse.write() as conn:
+def test_a_sparse_admin_listing_keeps_what_a_full_read_stored(lake: Lake) -> None:
+    with lake.write() as conn:
         conn.execute(
             "INSERT INTO accounts VALUES ('contoso', 'u-ann', 'ann@contoso.example', 'Ann', "
             "'ann@contoso.example', 'Member', false, false, ?, ?)",
@@ -479,8 +480,8 @@ def test_a_sparse_admin_listing_keeps_what_a_full_read_stored(warehouse: Warehou
     sparse = Account(
         "u-ann", "ann@contoso.example", "Ann", "ann@contoso.example", None, False, None
     )
-    ingest(warehouse, [], now=T0 + timedelta(minutes=5), admins=[sparse])
-    with warehouse.read() as conn:
+    ingest(lake, [], now=T0 + timedelta(minutes=5), admins=[sparse])
+    with lake.read() as conn:
         stored = conn.execute(
             "SELECT user_type, enabled, is_external FROM accounts WHERE account_id = 'u-ann'"
         ).fetchall()
@@ -497,13 +498,13 @@ QUIET = Account(
 
 
 def test_a_guest_named_by_a_lower_case_upn_is_their_directory_account(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
-    ingest(warehouse, [], now=T0)
+    ingest(lake, [], now=T0)
     first = file_event("file-1", T0 + timedelta(minutes=1), GUEST_UPN.lower())
     quiet = file_event("quiet-1", T0 + timedelta(minutes=2), "Quinn@Contoso.example")
     result = ingest(
-        warehouse,
+        lake,
         [first, quiet],
         now=T0 + timedelta(hours=1),
         lookup=ActorLookup(accounts=(GUEST, QUIET), asked=2),
@@ -513,17 +514,17 @@ def test_a_guest_named_by_a_lower_case_upn_is_their_directory_account(
     later = T0 + timedelta(hours=2)
     signin = event("signin-1", later, actor="u-pat", email=GUEST_UPN)
     again = file_event("file-2", later + timedelta(minutes=1), GUEST_UPN.lower())
-    ingest(warehouse, [signin, again], now=later + timedelta(minutes=5))
-    assert actors(warehouse) == {
+    ingest(lake, [signin, again], now=later + timedelta(minutes=5))
+    assert actors(lake) == {
         "file-1": "u-pat",
         "quiet-1": "u-quinn",
         "signin-1": "u-pat",
         "file-2": "u-pat",
     }
-    assert external_members(warehouse) == ["u-pat"]  # once, by the directory id
-    assert set(accounts(warehouse)) == {"u-pat", "u-quinn"}  # no account keyed by a name
-    assert accounts(warehouse)["u-pat"] == ("pat@partner.example", "Guest", True)
-    assert tags(warehouse) == {
+    assert external_members(lake) == ["u-pat"]  # once, by the directory id
+    assert set(accounts(lake)) == {"u-pat", "u-quinn"}  # no account keyed by a name
+    assert accounts(lake)["u-pat"] == ("pat@partner.example", "Guest", True)
+    assert tags(lake) == {
         "file-1": ["External"],
         "file-2": ["External"],
         "quiet-1": [],
@@ -532,72 +533,72 @@ def test_a_guest_named_by_a_lower_case_upn_is_their_directory_account(
 
 
 def test_a_name_that_could_not_be_looked_up_gets_no_made_up_account(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
-    ingest(warehouse, [], now=T0)
+    ingest(lake, [], now=T0)
     guest = file_event("guest", T0 + timedelta(minutes=1), GUEST_UPN.lower())
     outsider = file_event("outsider", T0 + timedelta(minutes=2), "someone@partner.example")
     # None: the directory could not be asked at all (or failed on these names).
-    result = ingest(warehouse, [guest, outsider], now=T0 + timedelta(hours=1), lookup=None)
+    result = ingest(lake, [guest, outsider], now=T0 + timedelta(hours=1), lookup=None)
     assert result.unresolved_actors == 2 and result.external_joined == 0
-    assert actors(warehouse) == {"guest": None, "outsider": None}
-    assert accounts(warehouse) == {} and external_members(warehouse) == []
+    assert actors(lake) == {"guest": None, "outsider": None}
+    assert accounts(lake) == {} and external_members(lake) == []
 
 
 def test_services_and_the_system_are_never_looked_up_or_made_people(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
-    ingest(warehouse, [], now=T0)
+    ingest(lake, [], now=T0)
     events = [
         file_event("crawler", T0 + timedelta(minutes=1), "app@sharepoint", "application"),
         file_event("system", T0 + timedelta(minutes=2), "SHAREPOINT\\system", "system"),
         # Even told that the directory has no such name.
     ]
     result = ingest(
-        warehouse,
+        lake,
         events,
         now=T0 + timedelta(hours=1),
         lookup=ActorLookup(absent=frozenset({"app@sharepoint", "sharepoint\\system"})),
     )
     assert result.external_joined == 0 and result.unresolved_actors == 0
-    assert actors(warehouse) == {"crawler": None, "system": None}
-    assert accounts(warehouse) == {}
+    assert actors(lake) == {"crawler": None, "system": None}
+    assert accounts(lake) == {}
 
 
 def test_a_guest_account_made_up_by_an_older_release_gives_way_to_the_directory(
-    warehouse: Warehouse,
+    lake: Lake,
 ) -> None:
-    ingest(warehouse, [], now=T0)
+    ingest(lake, [], now=T0)
     # An older release made an account keyed by the guest's sign-in name.
-    with warehouse.write() as conn:
+    with lake.write() as conn:
         conn.execute(
             "INSERT INTO accounts VALUES ('contoso', ?, ?, NULL, NULL, 'External', true, NULL, "
             "?, ?)",
             [GUEST_UPN.lower(), GUEST_UPN.lower(), T0, T0],
         )
-    with warehouse.read() as conn:
+    with lake.read() as conn:
         unknown = unknown_actor_names(
             conn, "contoso", [GUEST_UPN.lower(), "quinn@contoso.example"], T0
         )
     assert sorted(unknown) == [GUEST_UPN.lower(), "quinn@contoso.example"]
     ingest(
-        warehouse,
+        lake,
         [file_event("file", T0 + timedelta(minutes=1), GUEST_UPN.lower())],
         now=T0 + timedelta(hours=1),
         lookup=ActorLookup(accounts=(GUEST,), asked=1),
     )
-    assert actors(warehouse) == {"file": "u-pat"}
+    assert actors(lake) == {"file": "u-pat"}
 
 
-def test_a_repeat_the_dedupe_misses_fails_the_merge_loudly(warehouse: Warehouse) -> None:
+def test_a_repeat_the_dedupe_misses_fails_the_merge_loudly(lake: Lake) -> None:
     stored = file_event("rec-1", T0, "ann@contoso.example")
-    ingest(warehouse, [stored], now=T0 + timedelta(minutes=5))
+    ingest(lake, [stored], now=T0 + timedelta(minutes=5))
     # The same record again, with another time: the dedupe (which expects a repeat to carry
     # its time) lets it through; the key check refuses to store it twice.
     shifted = stored._replace(occurred_at=T0 + timedelta(hours=1), source="Audit.General")
     with pytest.raises(DuplicateActivityError, match="rec-1"):
-        ingest(warehouse, [shifted], now=T0 + timedelta(hours=2))
-    with warehouse.read() as conn:
+        ingest(lake, [shifted], now=T0 + timedelta(hours=2))
+    with lake.read() as conn:
         assert conn.execute("SELECT event_id, source FROM activities").fetchall() == [
             ("rec-1", "Audit.SharePoint")
         ]

@@ -58,7 +58,7 @@ def test_full_disk_under_the_control_store_is_one_line(tmp_path: Path) -> None:
 
 
 def test_full_disk_under_the_warehouse_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "warehouse.duckdb").symlink_to(FULL)
+    (tmp_path / "lake.duckdb").symlink_to(FULL)
     done = groupsync("confirm-shrink", "HR", "--data-dir", str(tmp_path))
     assert done.returncode == 1
     assert done.stderr == "error: /dev/full: No space left on device (could not write file)\n"

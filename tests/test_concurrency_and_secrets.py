@@ -9,6 +9,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -16,35 +17,38 @@ import pytest
 from groupsync_pipeline.config import load_connections
 from groupsync_pipeline.imports import import_group_members
 from groupsync_pipeline.sandbox.graph import GraphSandbox
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 from .conftest import SECRET_ENV, write_connections
 from .pipeline_helpers import failure_message, import_group, query
 
-# Analysts in other processes, as people use the file: one holds a session open read-write for
-# the whole run (as `duckdb groupsync.duckdb` does); the other opens fresh read-only sessions as
-# fast as it can and records every count it sees.
+# Analysts in other processes, as people use the lake: one holds a transaction open for the whole
+# run (its snapshot); the other opens fresh sessions as fast as it can and records every count it
+# sees, and every error.
 SQL = "SELECT count(*) FROM group_members WHERE group_name = 'All Company'"
 HOLDER = f"""
-import json, sys, duckdb
-held = duckdb.connect(sys.argv[1])
+import json, sys
+from groupsync_pipeline.storage.lake import Lake
+held = Lake(sys.argv[1]).connect(read_only=True)
+held.execute("BEGIN TRANSACTION")
 before = held.execute("{SQL}").fetchall()[0][0]
 print("ready", flush=True)
 sys.stdin.readline()
 print(json.dumps([before, held.execute("{SQL}").fetchall()[0][0]]), flush=True)
 """
 POLLER = f"""
-import json, select, sys, duckdb
-seen = set()
+import json, select, sys
+from groupsync_pipeline.storage.lake import Lake
+seen, errors = set(), []
 print("ready", flush=True)
 while not select.select([sys.stdin], [], [], 0)[0]:
-    try:  # the other analyst's read-write session locks the file it opened, until replaced
-        conn = duckdb.connect(sys.argv[1], read_only=True)
-    except duckdb.IOException:
-        continue
-    seen.add(conn.execute("{SQL}").fetchall()[0][0])
-    conn.close()
-print(json.dumps(sorted(seen)), flush=True)
+    try:
+        conn = Lake(sys.argv[1]).connect(read_only=True)
+        seen.add(conn.execute("{SQL}").fetchall()[0][0])
+        conn.close()
+    except Exception as exc:
+        errors.append(str(exc))
+print(json.dumps([sorted(seen), errors]), flush=True)
 """
 
 
@@ -59,7 +63,7 @@ def start_analyst(code: str, path: Path) -> subprocess.Popen[str]:
     return analyst
 
 
-def finish_analyst(analyst: subprocess.Popen[str]) -> object:
+def finish_analyst(analyst: subprocess.Popen[str]) -> Any:
     assert analyst.stdin is not None and analyst.stdout is not None
     analyst.stdin.write("stop\n")
     analyst.stdin.flush()
@@ -72,33 +76,33 @@ def test_open_analyst_sessions_neither_block_nor_see_half_an_import(
     sandbox: GraphSandbox, connections_file: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    published = data / "groupsync.duckdb"
     with dg.instance_for_test() as instance:
         assert import_group(instance, "HR", connections_file, data).success
-        holder = start_analyst(HOLDER, published)
-        poller = start_analyst(POLLER, published)
+        holder = start_analyst(HOLDER, data)
+        poller = start_analyst(POLLER, data)
         try:
             result = import_group(instance, "All Company", connections_file, data)
             assert result.success, failure_message(result)
             held = finish_analyst(holder)
-            seen = finish_analyst(poller)
+            seen, errors = finish_analyst(poller)
         finally:
             holder.kill()
             poller.kill()
     full = len(sandbox.org.transitive_user_ids(sandbox.org.group_by_name("All Company").id))
     assert held == [0, 0]  # the open session keeps a whole, stable snapshot
     assert full in seen and set(seen) <= {0, full}  # nobody ever sees part of an import
+    assert errors == []  # and no reader was refused
     assert query(data, SQL) == [(full,)]
 
 
 def test_concurrent_writers_queue_and_both_commit(connections_file: Path, tmp_path: Path) -> None:
     connection = load_connections(connections_file)[0]
-    warehouse = Warehouse(tmp_path / "data")
+    lake = Lake(tmp_path / "data")
     errors: list[BaseException] = []
 
     def run(group: str) -> None:
         try:
-            import_group_members(connection, group, warehouse)
+            import_group_members(connection, group, lake)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

@@ -21,10 +21,10 @@ import yaml
 from groupsync_pipeline.config import ConfigError, Connection
 from groupsync_pipeline.defs.activity_assets import activities
 from groupsync_pipeline.defs.assets import group_catalog, imported_group_members
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 from tests.conftest import SECRET_ENV, connection_entry
 from tests.pipeline_helpers import check_results, failure_message, import_group, query, run_job
 
@@ -192,18 +192,18 @@ def test_an_interrupt_ends_the_run_instead_of_skipping_to_the_next_connection(
     tmp_path: Path, interrupt: str, asset: dg.AssetsDefinition
 ) -> None:
     REACHED.clear()
-    with Warehouse(tmp_path).write() as conn:  # an imported group each: the sync has work
+    with Lake(tmp_path).write() as conn:  # an imported group each: the sync has work
         for name in ("a", "b"):
             conn.execute(
                 "INSERT INTO user_groups (group_id, name, type, connection, remote_group_id, "
-                "member_count) VALUES (?, 'G', 'imported', ?, 'g', 0)",
+                "member_count, group_key) VALUES (?, 'G', 'imported', ?, 'g', 0, 1)",
                 [f"{name}:g", name],
             )
     result = dg.materialize(
         [asset],
         resources={
             "connections": TwoConnections(interrupt=interrupt),
-            "warehouse": WarehouseResource(data_dir=str(tmp_path)),
+            "lake": LakeResource(data_dir=str(tmp_path)),
         },
         selection=[asset.key],
         raise_on_error=False,

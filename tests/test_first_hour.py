@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from packaging.requirements import Requirement
 
 from groupsync_pipeline.cli import main
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -22,7 +22,11 @@ README = (ROOT / "README.md").read_text()
 
 def test_duckdb_is_pinned_to_a_bounded_range_that_is_installed() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (duckdb,) = [Requirement(r) for r in project["dependencies"] if r.startswith("duckdb")]
+    (duckdb,) = [
+        requirement
+        for requirement in map(Requirement, project["dependencies"])
+        if requirement.name == "duckdb"
+    ]
     bounds = {spec.operator for spec in duckdb.specifier}
     assert "<" in bounds or "==" in bounds, f"duckdb is not bounded above: {duckdb}"
     assert duckdb.specifier.contains(version("duckdb")), (duckdb, version("duckdb"))
@@ -37,10 +41,10 @@ def _section(title: str) -> str:
 def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The README's Python, run as a first script would: in a folder holding groupsync-data.
     now = datetime.now(UTC)
-    with Warehouse(tmp_path / "groupsync-data").write() as conn:
+    with Lake(tmp_path / "groupsync-data").write() as conn:
         conn.execute(
-            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count) "
-            "VALUES ('c:hr', 'HR', 'imported', $t, 1)",
+            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count, group_key) "
+            "VALUES ('c:hr', 'HR', 'imported', $t, 1, 1)",
             {"t": now},
         )
         conn.execute(
@@ -62,11 +66,12 @@ def test_activities_for_a_group_imported_after_the_window_start_says_so(tmp_path
     data = tmp_path / "data"
     now = datetime.now(UTC)
     finance_at = now - timedelta(minutes=10)
-    with Warehouse(data).write() as conn:
+    with Lake(data).write() as conn:
         conn.execute(
-            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count) VALUES "
-            "('c:fin', 'Finance', 'imported', $fin, 3), ('c:hr', 'HR', 'imported', $hr, 2), "
-            "('c:auto:external', 'External', 'automatic', $fin, 0)",
+            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count, group_key)"
+            " VALUES ('c:fin', 'Finance', 'imported', $fin, 3, 1), "
+            "('c:hr', 'HR', 'imported', $hr, 2, 2), "
+            "('c:auto:external', 'External', 'automatic', $fin, 0, 3)",
             {"fin": finance_at, "hr": now - timedelta(days=2)},
         )
 

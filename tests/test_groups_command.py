@@ -13,7 +13,7 @@ from groupsync_pipeline.cli import main
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.imports import import_group_members
 from groupsync_pipeline.sandbox.graph import GraphSandbox
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 from .pipeline_helpers import query
 
@@ -56,7 +56,7 @@ def test_refresh_then_list_search_and_filter(
     # The same code as the group_catalog asset stored it: the catalog table says so.
     assert query(data, "SELECT count(*) FROM group_catalog WHERE connection = 'contoso'") == [(40,)]
 
-    import_group_members(connection, "HR", Warehouse(data))
+    import_group_members(connection, "HR", Lake(data))
     imported = json.loads(groups(data, "--imported", "--format", "json").stdout)
     assert [(r["name"], r["imported"]) for r in imported] == [("HR", True)]
     assert imported[0]["last_synced_at"].endswith("Z")

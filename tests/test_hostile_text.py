@@ -26,7 +26,7 @@ from groupsync_pipeline.safe_text import (
     json_for_terminal,
 )
 from groupsync_pipeline.storage.control import ControlStore, NewRequest
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 # An OSC title sequence, a forged row and column, a right-to-left override and a C1 CSI.
 EVIL = "\x1b]0;owned\x07HR\nforged\trow\u202etxt.exe\x9b31m\u2066x\u2069\x7f"
@@ -82,10 +82,10 @@ def test_csv_formula_rule() -> None:
 def investigation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("hostile")
     objects = [EVIL, *FORMULAS, "in\rside"]
-    with Warehouse(data_dir).write() as conn:
+    with Lake(data_dir).write() as conn:
         conn.execute(
-            "INSERT INTO user_groups (group_id, name, type, member_count) "
-            "VALUES ('c:evil', ?, 'imported', 1)",
+            "INSERT INTO user_groups (group_id, name, type, member_count, group_key) "
+            "VALUES ('c:evil', ?, 'imported', 1, 1)",
             [EVIL],
         )
         for index, name in enumerate(objects, 1):
@@ -101,8 +101,9 @@ def investigation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  name, EVIL, T],
             )  # fmt: skip
             conn.execute(
-                "INSERT INTO _activity_group_keys SELECT ?, group_key FROM user_groups "
-                "WHERE group_id = 'c:evil'",
+                "INSERT INTO _activity_group_keys SELECT a.activity_id, g.group_key,"
+                " (a.occurred_at AT TIME ZONE 'UTC')::DATE FROM activities AS a, user_groups AS g"
+                " WHERE a.activity_id = ? AND g.group_id = 'c:evil'",
                 [index],
             )
         conn.execute(
@@ -217,7 +218,7 @@ def test_error_naming_a_hostile_group_is_neutralized(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("GROUPSYNC_CONNECTIONS", raising=False)
-    with Warehouse(tmp_path).write() as conn:
+    with Lake(tmp_path).write() as conn:
         conn.execute(
             "INSERT INTO group_catalog (app, connection, remote_group_id, name, seen_at) "
             "VALUES ('office365', 'sandbox', 'g1', ?, now())",

@@ -10,9 +10,9 @@ import pytest
 
 from groupsync_pipeline.defs.assets import imported_group_members
 from groupsync_pipeline.defs.checks import member_count_matches_remote, no_duplicate_members
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.sandbox.graph import GraphSandbox
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 from .pipeline_helpers import (
     check_results,
@@ -106,9 +106,7 @@ def test_unknown_group_fails_with_close_matches_and_writes_nothing(
     result = import_group(instance, "Enginering", connections_file, data)
     assert not result.success
     assert "close matches: Engineering" in failure_message(result)
-    assert not (data / "groupsync.duckdb").exists() or query(
-        data, "SELECT count(*) FROM user_groups"
-    ) == [(0,)]
+    assert not Lake(data).exists() or query(data, "SELECT count(*) FROM user_groups") == [(0,)]
 
 
 def test_unknown_connection_fails_listing_configured(
@@ -198,7 +196,7 @@ def test_checks_fail_on_count_mismatch_and_duplicate_members(
 ) -> None:
     data = tmp_path / "data"
     assert import_group(instance, "Legal", connections_file, data).success
-    with Warehouse(data).write() as conn:
+    with Lake(data).write() as conn:
         # The app said one more person than we hold, and one member got a second open interval.
         conn.execute("UPDATE group_syncs SET remote_member_count = remote_member_count + 1")
         conn.execute("INSERT INTO group_memberships SELECT * FROM group_memberships LIMIT 1")
@@ -206,7 +204,7 @@ def test_checks_fail_on_count_mismatch_and_duplicate_members(
         [imported_group_members, member_count_matches_remote, no_duplicate_members],
         selection=dg.AssetSelection.checks_for_assets(imported_group_members),
         resources={
-            "warehouse": WarehouseResource(data_dir=str(data)),
+            "lake": LakeResource(data_dir=str(data)),
             "connections": ConnectionsResource(connections_file=str(connections_file)),
         },
         instance=instance,
@@ -231,7 +229,7 @@ def test_invalid_notify_email_fails_before_anything_is_written(
     )
     assert not result.success
     assert "notify_email: not a valid email address" in failure_message(result)
-    assert not (data / "groupsync.duckdb").exists()
+    assert not Lake(data).exists()
 
 
 def test_an_empty_answer_for_a_populated_group_changes_nothing(
@@ -245,25 +243,3 @@ def test_an_empty_answer_for_a_populated_group_changes_nothing(
     assert not result.success
     assert "listed no members for 'HR' although it counts" in failure_message(result)
     assert memberships(data) == before
-
-
-def test_a_snapshot_that_failed_to_publish_is_published_by_the_next_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    warehouse = Warehouse(tmp_path / "data")
-    warehouse.ensure_published()
-
-    def full_disk(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    with monkeypatch.context() as patched:
-        patched.setattr("groupsync_pipeline.storage.warehouse.shutil.copyfile", full_disk)
-        # Committed: the write succeeds, with a warning that the snapshot is not published yet.
-        with warehouse.write() as conn:
-            conn.execute("INSERT INTO connected_apps VALUES ('c', 'office365', NULL, now(), NULL)")
-    assert "committed, but the snapshot" in caplog.text and "No space left" in caplog.text
-    # Committed in the warehouse, not yet visible to analysts.
-    with warehouse.read() as conn:
-        assert conn.execute("SELECT count(*) FROM connected_apps").fetchall() == [(1,)]
-    warehouse.ensure_published()
-    assert query(tmp_path / "data", "SELECT connection FROM connected_apps") == [("c",)]

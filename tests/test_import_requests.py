@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from groupsync_pipeline.cli import main
 from groupsync_pipeline.definitions import defs
-from groupsync_pipeline.defs.resources import WarehouseResource
+from groupsync_pipeline.defs.resources import LakeResource
 from groupsync_pipeline.defs.sensors import import_request_sensor, run_key
 from groupsync_pipeline.import_runs import REQUEST_ID_TAG
 from groupsync_pipeline.sandbox.graph import GraphSandbox
@@ -60,7 +60,7 @@ def cli(*args: str) -> tuple[int, str]:
 def tick(instance: dg.DagsterInstance, data_dir: Path) -> dg.SensorResult:
     context = dg.build_sensor_context(
         instance=instance,
-        resources={"warehouse": WarehouseResource(data_dir=str(data_dir))},
+        resources={"lake": LakeResource(data_dir=str(data_dir))},
     )
     result = import_request_sensor(context)
     assert isinstance(result, dg.SensorResult)

@@ -1,15 +1,12 @@
-"""`groupsync activities` and `groupsync alerts` against a real published warehouse."""
+"""`groupsync activities` and `groupsync alerts` against a real published lake."""
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
@@ -23,7 +20,7 @@ from groupsync_pipeline.investigation import (
     parse_since,
     parse_until,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 T = datetime(2026, 11, 1, tzinfo=UTC)
 EVIL_ACTOR = "'; DROP TABLE activities; --"
@@ -53,10 +50,11 @@ ACTIVITIES = [
 
 
 def _build(data_dir: Path) -> None:
-    with Warehouse(data_dir).write() as conn:
+    with Lake(data_dir).write() as conn:
         conn.executemany(
-            "INSERT INTO user_groups (group_id, name, type, member_count) "
-            "VALUES (?, ?, 'imported', 1)",
+            "INSERT INTO user_groups (group_id, name, type, member_count, group_key) "
+            "VALUES (?, ?, 'imported', 1,"
+            " (SELECT coalesce(max(group_key), 0) + 1 FROM user_groups))",
             GROUPS,
         )
         for row in ACTIVITIES:
@@ -74,8 +72,9 @@ def _build(data_dir: Path) -> None:
             )  # fmt: skip
             for group_id in tags:
                 conn.execute(
-                    "INSERT INTO _activity_group_keys SELECT ?, group_key FROM user_groups "
-                    "WHERE group_id = ?",
+                    "INSERT INTO _activity_group_keys SELECT a.activity_id, g.group_key,"
+                    " (a.occurred_at AT TIME ZONE 'UTC')::DATE FROM activities AS a,"
+                    " user_groups AS g WHERE a.activity_id = ? AND g.group_id = ?",
                     [activity_id, group_id],
                 )
         conn.execute("INSERT INTO _policy_state VALUES ('quiet-policy', 5, 'h')")
@@ -269,7 +268,7 @@ def test_bad_input_is_a_clear_error(data_dir: Path, args: tuple[str, ...], messa
 def test_hostile_strings_leave_the_warehouse_intact(data_dir: Path) -> None:
     for args in (("--as", EVIL_ACTOR), ("--group", EVIL_GROUP), ("--action", "x'); --;%")):
         assert run(data_dir, "activities", *args).exit_code == 0
-    with open_snapshot(Warehouse(data_dir).published_path, "activities") as conn:
+    with open_snapshot(data_dir, "activities") as conn:
         assert conn.execute("SELECT count(*) FROM activities").fetchall() == [(5,)]
         assert conn.execute("SELECT count(*) FROM user_groups").fetchall() == [(4,)]
 
@@ -277,48 +276,25 @@ def test_hostile_strings_leave_the_warehouse_intact(data_dir: Path) -> None:
 def test_no_data_is_a_clear_error(tmp_path: Path) -> None:
     missing = run(tmp_path / "empty", "activities")
     assert missing.exit_code == 1
-    assert "no data yet" in missing.output and "groupsync.duckdb does not exist" in missing.output
-
-    old = tmp_path / "old"
-    old.mkdir()
-    conn = duckdb.connect(str(Warehouse(old).published_path))
-    conn.execute("CREATE TABLE user_groups (group_id VARCHAR)")
-    conn.close()
-    for command in ("activities", "alerts"):
-        result = run(old, command)
-        assert result.exit_code == 1
-        assert f"no {command} yet" in result.output
+    assert "no data yet" in missing.output and "does not exist" in missing.output
 
 
-def test_snapshot_held_read_write_is_a_clear_error(data_dir: Path) -> None:
-    # An analyst's `duckdb groupsync.duckdb` session (read-write) in another process.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_READ_WRITE, str(Warehouse(data_dir).published_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        result = run(data_dir, "activities")
-    finally:
-        holder.communicate("", timeout=30)  # closing stdin lets it exit
-    assert result.exit_code == 1
-    assert "read-only" in result.output and "reopen it with `duckdb -readonly`" in result.output
-    assert run(data_dir, "activities").exit_code == 0  # fine again once it is closed
-
-
-HOLD_READ_WRITE = """
-import sys, duckdb
-conn = duckdb.connect(sys.argv[1])
-print("holding", flush=True)
-sys.stdin.read()
-conn.close()
-"""
+def test_a_write_in_progress_neither_blocks_nor_shows_in_a_reading(data_dir: Path) -> None:
+    before = run(data_dir, "activities", "--format", "json", "--limit", "0")
+    with Lake(data_dir).write() as conn:  # holds the writer lock and an open transaction
+        conn.execute(
+            "INSERT INTO activities (activity_id, connection, app, source, event_id, occurred_at,"
+            " action, ingested_at) VALUES (99, 'contoso', 'office365', 'signIns', 'e99', now(),"
+            " 'Sign-in', now())"
+        )
+        during = run(data_dir, "activities", "--format", "json", "--limit", "0")
+        assert during.exit_code == 0 and during.stdout == before.stdout
+    after = run(data_dir, "activities", "--format", "json", "--limit", "0")
+    assert 99 in [row["activity_id"] for row in json.loads(after.stdout)]
 
 
 def test_find_activities_from_python(data_dir: Path) -> None:
-    with open_snapshot(Warehouse(data_dir).published_path, "activities") as conn:
+    with open_snapshot(data_dir, "activities") as conn:
         found = find_activities(conn, ActivityFilter(groups=("Finance",), limit=1))
     assert found.more and list(found.frame["activity_id"]) == [2]
     moment = found.frame.loc[0, "occurred_at"]

@@ -1,4 +1,4 @@
-"""Alert policies: file validation, evaluation on a real DuckDB warehouse, alert emails."""
+"""Alert policies: file validation, evaluation on a real DuckDB lake, alert emails."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from groupsync_pipeline.policies import (
     parse_policies,
 )
 from groupsync_pipeline.smtp_sink import SmtpSink
-from groupsync_pipeline.storage.warehouse import schema_sql
+from groupsync_pipeline.storage.lake import Lake
 
 T0 = dt.datetime(2026, 11, 2, 9, 0, tzinfo=dt.UTC)
 NOW = dt.datetime(2026, 11, 3, 0, 0, tzinfo=dt.UTC)
 SRC = "policies.yaml"
 
-# Members of each group in the fixture warehouse (account ids in connection "contoso").
+# Members of each group in the fixture lake (account ids in connection "contoso").
 HR_USER, FIN_USER, EXEC_USER, ADMIN_USER, NOBODY = "u-hr", "u-fin", "u-exec", "u-admin", "u-none"
 GROUPS = {
     HR_USER: ["contoso:hr"],
@@ -47,11 +47,12 @@ GROUPS = {
 
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    connection.execute(schema_sql())
+    lake = Lake(tmp_path / "data")
+    lake.ensure_ready()
+    connection = lake.connect()
     connection.executemany(
-        "INSERT INTO user_groups (group_id, name, type, connection, imported_at, member_count)"
-        " VALUES (?, ?, ?, ?, ?, 1)",
+        "INSERT INTO user_groups (group_id, name, type, connection, imported_at, member_count,"
+        " group_key) VALUES (?, ?, ?, ?, ?, 1, (SELECT count(*) + 1 FROM user_groups))",
         [
             ("contoso:hr", "HR", "imported", "contoso", T0 - dt.timedelta(days=9)),
             ("fabrikam:hr", "HR", "imported", "fabrikam", T0 - dt.timedelta(days=9)),
@@ -139,8 +140,9 @@ class Feed:
         tags = [(i, g) for i in ids for g in (GROUPS.get(actor, []) if groups is None else groups)]
         if tags:
             self.conn.executemany(
-                "INSERT INTO _activity_group_keys SELECT ?, group_key FROM user_groups "
-                "WHERE group_id = ?",
+                "INSERT INTO _activity_group_keys SELECT a.activity_id, g.group_key,"
+                " (a.occurred_at AT TIME ZONE 'UTC')::DATE FROM activities AS a, user_groups AS g"
+                " WHERE a.activity_id = ? AND g.group_id = ?",
                 tags,
             )
         if tag:

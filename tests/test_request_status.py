@@ -1,14 +1,13 @@
-"""Request status tells the truth: the warehouse decides "imported", whatever dies when.
+"""Request status tells the truth: the lake decides "imported", whatever dies when.
 
 Each test reproduces a defect found by attacking the pipeline (kill -9 at a chosen point, a full
 disk after COMMIT, a re-executed run, a deleted control store, a run that never exists) and
-checks the request, the warehouse and the email agree.
+checks the request, the lake and the email agree.
 """
 
 # ruff: noqa: F811  (the request tests' fixtures are imported and used as parameters)
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
@@ -64,7 +63,7 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), 9)
 if point == "before-commit":  # the members are merged, the transaction is not committed
     imports.merge_group_members = lambda *a, **k: (merge(*a, **k), die())
-else:  # committed and published; the request is about to be marked done
+else:  # committed; the request is about to be marked done
     ControlStore.mark_done = die
 with dg.DagsterInstance.get() as instance:
     defs.resolve_job_def("import_user_group").execute_in_process(
@@ -128,7 +127,7 @@ def test_kill_after_commit_is_settled_as_done_from_the_warehouse(
     )
     (request,) = tick(instance, data_dir).run_requests
     run = run_killed_at("after-commit", request, instance)
-    # The analysts' copy already says done: it is corrected by the warehouse's own record.
+    # The analysts' copy already says done: it is corrected by the lake's own record.
     assert query(data_dir, "SELECT status FROM import_requests") == [("done",)]
     tick(instance, data_dir)
     (stored,) = ControlStore(data_dir).recent()
@@ -140,30 +139,6 @@ def test_kill_after_commit_is_settled_as_done_from_the_warehouse(
     tick(instance, data_dir)
     (mail,) = smtp.wait_for(1)
     assert "imported" in mail.message["Subject"] and "failed" not in mail.message["Subject"]
-
-
-def test_a_full_disk_after_commit_is_a_success_with_a_warning(
-    data_dir: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, caplog
-) -> None:
-    assert cli("import-group", "--connection", "contoso", "--group", "HR")[0] == 0
-    (request,) = tick(instance, data_dir).run_requests
-
-    def full_disk(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    with monkeypatch.context() as patched:
-        patched.setattr("groupsync_pipeline.storage.warehouse.shutil.copyfile", full_disk)
-        result = launch(instance, request)
-    assert result.success
-    assert requests_table(data_dir)[0][1] == "done"
-    assert "could not be published yet" in caplog.text and "No space left" in caplog.text
-    # The next pipeline write publishes it for the analysts.
-    assert query(data_dir, "SELECT count(*) FROM user_groups") == [(0,)]
-    run_job(
-        instance, "refresh_group_catalogs", {}, Path(os.environ["GROUPSYNC_CONNECTIONS"]), data_dir
-    )
-    assert query(data_dir, "SELECT status FROM import_requests") == [("done",)]
-    assert query(data_dir, "SELECT count(*) FROM user_groups") == [(1,)]
 
 
 def test_reexecuting_an_import_run_never_flips_its_request(
@@ -323,7 +298,7 @@ def test_launchpad_runs_record_the_group_so_duplicates_are_refused(
 ) -> None:
     from groupsync_pipeline.config import load_connections
     from groupsync_pipeline.import_runs import RunIdentity, claim_request
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     # A launchpad run that has recorded its request and is importing now.
     running = claim_request(
@@ -332,7 +307,7 @@ def test_launchpad_runs_record_the_group_so_duplicates_are_refused(
         connection_error=None,
         group="Finance",
         notify_email=None,
-        warehouse=Warehouse(data_dir),
+        lake=Lake(data_dir),
     )
     assert (running.status, running.group_name, running.remote_group_id is not None) == (
         "running",
@@ -388,77 +363,6 @@ def test_every_import_run_says_what_it_does(
         tags = instance.get_run_by_id(result.run_id).tags
         assert tags[REQUEST_ID_TAG] == request_id and tags[GROUP_TAG] == group
         assert tags[CONNECTION_TAG] == "contoso" and len(tags[REQUEST_KEY_TAG]) == 32
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 MB filesystem (tmpfs) that a test can fill up."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            handle.close()
-    return filler
-
-
-def test_a_full_disk_during_checkpoint_after_commit_is_a_success(
-    small_disk: Path,
-    tmp_path: Path,
-    connections_file: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from groupsync_pipeline.storage.warehouse import Warehouse
-
-    data = small_disk / "data"
-    monkeypatch.setenv("GROUPSYNC_DATA_DIR", str(data))
-    monkeypatch.setenv("GROUPSYNC_CONNECTIONS", str(connections_file))
-    with dg.DagsterInstance.ephemeral() as instance:
-        assert run_job(instance, "refresh_group_catalogs", {}, connections_file, data).success
-        assert cli("import-group", "--connection", "contoso", "--group", "HR")[0] == 0
-        (request,) = tick(instance, data).run_requests
-        publish = Warehouse._publish_after_commit
-        full_once: list[bool] = []
-
-        def disk_full_during_checkpoint(self: Warehouse, conn: object) -> None:
-            if full_once:
-                return publish(self, conn)  # type: ignore[arg-type]
-            full_once.append(True)
-            filler = _fill(data)  # COMMIT is done; CHECKPOINT meets a full disk
-            try:
-                publish(self, conn)  # type: ignore[arg-type]
-            finally:
-                filler.unlink()
-
-        with monkeypatch.context() as patched:
-            patched.setattr(Warehouse, "_publish_after_commit", disk_full_during_checkpoint)
-            assert launch(instance, request).success
-        assert "Failed to create checkpoint" in caplog.text
-        assert "No space left on device" in caplog.text
-        assert requests_table(data)[0][1] == "done"
-    assert query(data, "SELECT status FROM import_requests") == [("done",)]
-    assert query(data, "SELECT name FROM user_groups") == [("HR",)]
 
 
 def _follow_in_background(*args: str) -> subprocess.Popen[str]:
@@ -536,7 +440,7 @@ def test_the_warehouse_wins_over_a_run_reported_ended_too_early(
     the request is not settled within the grace period, and if it was marked failed, the
     run's own commit still makes it done."""
     from groupsync_pipeline.defs.sensors import SETTLE_GRACE, reconcile
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     assert cli("import-group", "--connection", "contoso", "--group", "HR")[0] == 0
     (request,) = tick(instance, data_dir).run_requests
@@ -549,15 +453,15 @@ def test_the_warehouse_wins_over_a_run_reported_ended_too_early(
     tick(instance, data_dir)
     assert requests_table(data_dir)[0][1] == "running"  # within the grace period
     later = datetime.now(UTC) + SETTLE_GRACE + timedelta(seconds=5)
-    settled, _ = reconcile(instance, store, Warehouse(data_dir), now=later)
+    settled, _ = reconcile(instance, store, Lake(data_dir), now=later)
     assert settled == {"done": 0, "failed": 1}
-    # The worker was still alive and commits its import: the warehouse decides.
+    # The worker was still alive and commits its import: the lake decides.
     from groupsync_pipeline.config import load_connections
     from groupsync_pipeline.import_runs import carry_out
 
     connection = load_connections(os.environ["GROUPSYNC_CONNECTIONS"])[0]
     failed = store.get(claimed.request_id)
     assert failed is not None and failed.status == "failed"
-    carry_out(failed, connection, run.run_id, Warehouse(data_dir), log=lambda line: None)
+    carry_out(failed, connection, run.run_id, Lake(data_dir), log=lambda line: None)
     assert requests_table(data_dir)[0][1] == "done"
     assert query(data_dir, "SELECT status FROM import_requests") == [("done",)]

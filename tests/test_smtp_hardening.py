@@ -251,13 +251,13 @@ def test_a_sensor_round_keeps_to_its_time_budget(tmp_path: Path) -> None:
 def test_alert_emails_keep_to_their_deadline(tmp_path: Path) -> None:
     from groupsync_pipeline.alert_emails import send_pending_alert_emails
     from groupsync_pipeline.policies import parse_policies
-    from groupsync_pipeline.storage.warehouse import Warehouse
+    from groupsync_pipeline.storage.lake import Lake
 
     (policy,) = parse_policies(
         "policies:\n  - name: Watch\n    severity: high\n    notify: [secops@example.com]\n"
     )
     now = dt.datetime.now(dt.UTC)
-    with Dribbler("ehlo") as server, Warehouse(tmp_path).write() as conn:
+    with Dribbler("ehlo") as server, Lake(tmp_path).write() as conn:
         conn.execute(
             """
             INSERT INTO alerts (alert_id, policy, severity, raised_at, connection, actor_email,

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from groupsync_pipeline.cli import main
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 from .pipeline_helpers import query
 
@@ -23,11 +23,12 @@ HOSTILE = "evil\x1b[31mred\x07"
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
-    with Warehouse(folder).write() as conn:
+    with Lake(folder).write() as conn:
         conn.execute(
-            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count) VALUES "
-            "('c:hr', 'HR', 'imported', $t, 2), ('c:fin', 'Finance', 'imported', $t, 1), "
-            "('c:x', $hostile, 'imported', $t, 0)",
+            "INSERT INTO user_groups (group_id, name, type, imported_at, member_count, group_key)"
+            " VALUES ('c:hr', 'HR', 'imported', $t, 2, 1),"
+            " ('c:fin', 'Finance', 'imported', $t, 1, 2), "
+            "('c:x', $hostile, 'imported', $t, 0, 3)",
             {"t": T, "hostile": HOSTILE},
         )
         conn.execute(
@@ -109,7 +110,7 @@ def test_only_read_access(data_dir: Path) -> None:
     assert "read-only" in insert.output and "INSERT" in insert.output
     # No way around it: no other database, no files written or read, no extensions.
     for statement in (
-        f"ATTACH '{data_dir / 'warehouse.duckdb'}' AS w",
+        f"ATTACH '{data_dir / 'lake.duckdb'}' AS w",
         f"COPY user_groups TO '{data_dir / 'out.csv'}'",
         "SELECT * FROM read_csv('/etc/hostname')",
         "SET enable_external_access = true",

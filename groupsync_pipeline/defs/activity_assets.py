@@ -14,11 +14,11 @@ from groupsync_pipeline.defs.assets import (
     imported_group_members,
 )
 from groupsync_pipeline.defs.isolation import ConnectionFailures
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.notifications import SmtpSettings
 from groupsync_pipeline.policies import evaluate_policies, load_policies
 
-ALERT_EMAIL_ROUND_SECONDS = 60.0  # SMTP while holding the warehouse: at most this per run
+ALERT_EMAIL_ROUND_SECONDS = 60.0  # SMTP while holding the lake: at most this per run
 
 
 EVERY_CONNECTION_READ = "every_connection_read"
@@ -47,7 +47,7 @@ def activities(
     context: dg.AssetExecutionContext,
     config: ConnectionsConfig,
     connections: ConnectionsResource,
-    warehouse: WarehouseResource,
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     try:
         settings = IngestSettings.from_env()
@@ -61,7 +61,7 @@ def activities(
         name = connection.name
         try:  # each connection commits or fails alone
             outcome = ingest_connection(
-                connection, warehouse.get(), settings=settings, log=context.log.info
+                connection, lake.get(), settings=settings, log=context.log.info
             )
         except Exception as exc:  # one connection alone: see defs/isolation.py
             failures.record(context, name, exc)
@@ -123,13 +123,13 @@ def activities(
     description="Alerts the policies (GROUPSYNC_POLICIES, else the bundled examples) raise on "
     "new tagged activities (table alerts); emails each policy's recipients.",
 )
-def alerts(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+def alerts(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     try:
         policies = load_policies()
         smtp = SmtpSettings.from_env()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc)) from None
-    store = warehouse.get()
+    store = lake.get()
     with store.write() as conn:
         result = evaluate_policies(conn, policies, datetime.now(UTC))
     for warning in result.warnings:
@@ -152,7 +152,7 @@ def alerts(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> d
     emails = AlertEmailRound()
     if waiting:
         with store.write() as conn:
-            # The round holds the warehouse: it is bounded as a whole, and what is not sent
+            # The round holds the lake: it is bounded as a whole, and what is not sent
             # by then waits for the next run.
             emails = send_pending_alert_emails(
                 conn,

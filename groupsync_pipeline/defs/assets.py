@@ -8,7 +8,7 @@ from pydantic import Field
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
 from groupsync_pipeline.defs.isolation import ConnectionFailures
-from groupsync_pipeline.defs.resources import ConnectionsResource, WarehouseResource
+from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.import_runs import (
     RunIdentity,
     RunRefusedError,
@@ -42,14 +42,14 @@ def group_catalog(
     context: dg.AssetExecutionContext,
     config: ConnectionsConfig,
     connections: ConnectionsResource,
-    warehouse: WarehouseResource,
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     chosen = [connections.get(name) for name in config.connections] or connections.all()
     metadata: dict[str, dg.RawMetadataValue] = {}
     failures = ConnectionFailures("catalog refresh")
     for connection in chosen:
         try:  # each connection commits or fails alone
-            outcome = refresh_group_catalog(connection, warehouse.get(), log=context.log.info)
+            outcome = refresh_group_catalog(connection, lake.get(), log=context.log.info)
         except Exception as exc:  # one connection alone: see defs/isolation.py
             failures.record(context, connection.name, exc)
             continue
@@ -96,20 +96,20 @@ def imported_group_members(
     context: dg.AssetExecutionContext,
     config: ImportGroupConfig,
     connections: ConnectionsResource,
-    warehouse: WarehouseResource,
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     if config.group:
-        return _import_one_group(context, config, connections, warehouse)
+        return _import_one_group(context, config, connections, lake)
     if config.notify_email is not None:
         raise dg.Failure(description="notify_email needs a group: it is sent when an import ends")
-    return _sync_imported_groups(context, config, connections, warehouse)
+    return _sync_imported_groups(context, config, connections, lake)
 
 
 def _import_one_group(
     context: dg.AssetExecutionContext,
     config: ImportGroupConfig,
     connections: ConnectionsResource,
-    warehouse: WarehouseResource,
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     run = context.run
     connection, connection_error = None, None
@@ -124,7 +124,7 @@ def _import_one_group(
             connection_error=connection_error,
             group=config.group,
             notify_email=config.notify_email,
-            warehouse=warehouse.get(),
+            lake=lake.get(),
         )
     except RunRefusedError as exc:
         if exc.request is not None:  # what the run was asked to do, in the run list too
@@ -134,7 +134,7 @@ def _import_one_group(
     context.log.info(f"import request {request.request_id}")
     assert connection is not None  # a request is only claimed or recorded with a connection
     try:
-        outcome = carry_out(request, connection, run.run_id, warehouse.get(), log=context.log.info)
+        outcome = carry_out(request, connection, run.run_id, lake.get(), log=context.log.info)
     except ConnectorError as exc:
         raise dg.Failure(
             description=f"import of '{request.group_name or config.group}' from "
@@ -164,7 +164,7 @@ def _sync_imported_groups(
     context: dg.AssetExecutionContext,
     config: ImportGroupConfig,
     connections: ConnectionsResource,
-    warehouse: WarehouseResource,
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     chosen = [connections.get(config.connection)] if config.connection else connections.all()
     try:
@@ -178,8 +178,8 @@ def _sync_imported_groups(
             outcomes.append(
                 sync_connection(
                     connection,
-                    warehouse.get(),
-                    warehouse.control(),
+                    lake.get(),
+                    lake.control(),
                     run_id=context.run.run_id,
                     log=context.log.info,
                     force_full=config.full_resync,

@@ -1,4 +1,4 @@
-"""Asset checks on imported memberships and audit-log reads, read from the warehouse."""
+"""Asset checks on imported memberships and audit-log reads, read from the lake."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dagster as dg
 
 from groupsync_pipeline.defs.activity_assets import activities
 from groupsync_pipeline.defs.assets import imported_group_members
-from groupsync_pipeline.defs.resources import WarehouseResource
+from groupsync_pipeline.defs.resources import LakeResource
 
 # Each imported group's current member count against the app's own count at its last sync.
 _COUNT_MISMATCHES = """
@@ -31,8 +31,8 @@ ORDER BY group_id, account_id
     asset=imported_group_members,
     description="Every imported group holds as many members as the app reported.",
 )
-def member_count_matches_remote(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.get().read() as conn:
+def member_count_matches_remote(lake: LakeResource) -> dg.AssetCheckResult:
+    with lake.get().read() as conn:
         rows = conn.execute(_COUNT_MISMATCHES).fetchall()
         groups = conn.execute("SELECT count(*) FROM user_groups WHERE type = 'imported'").fetchall()
     return dg.AssetCheckResult(
@@ -53,8 +53,8 @@ def member_count_matches_remote(warehouse: WarehouseResource) -> dg.AssetCheckRe
     asset=imported_group_members,
     description="No account is a current member of the same group twice.",
 )
-def no_duplicate_members(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.get().read() as conn:
+def no_duplicate_members(lake: LakeResource) -> dg.AssetCheckResult:
+    with lake.get().read() as conn:
         rows = conn.execute(_DUPLICATE_MEMBERS).fetchall()
     return dg.AssetCheckResult(
         passed=not rows,
@@ -79,8 +79,8 @@ WHERE h.status = 'held' ORDER BY h.detected_at
     description="No group has a sync held back for losing too many members at once "
     "(confirm with `groupsync confirm-shrink GROUP`, or the next full sync decides).",
 )
-def no_held_shrinks(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.get().read() as conn:
+def no_held_shrinks(lake: LakeResource) -> dg.AssetCheckResult:
+    with lake.get().read() as conn:
         rows = conn.execute(_HELD_SHRINKS).fetchall()
     return dg.AssetCheckResult(
         passed=not rows,
@@ -109,8 +109,8 @@ def no_held_shrinks(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     description="Every audit log (and the admin-role and domain reads) was read by the last "
     "activity ingest; a failing one keeps its place and is read again next time.",
 )
-def audit_logs_read(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-    with warehouse.get().read() as conn:
+def audit_logs_read(lake: LakeResource) -> dg.AssetCheckResult:
+    with lake.get().read() as conn:
         failing = conn.execute(
             "SELECT connection, source, last_error, last_error_at, read_until "
             "FROM activity_sources_state WHERE last_error IS NOT NULL ORDER BY 1, 2"

@@ -16,10 +16,10 @@ import dagster as dg
 
 from groupsync_pipeline.config import ConfigError
 from groupsync_pipeline.connectors.base import ConnectorError
-from groupsync_pipeline.storage.warehouse import WarehouseBusyError
+from groupsync_pipeline.storage.lake import LakeBusyError
 
 # Failures whose message says it all; anything else is unexpected and logged with its traceback.
-EXPECTED_FAILURES = (ConnectorError, ConfigError, WarehouseBusyError)
+EXPECTED_FAILURES = (ConnectorError, ConfigError, LakeBusyError)
 
 
 @dataclass

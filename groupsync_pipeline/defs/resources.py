@@ -1,4 +1,4 @@
-"""Dagster resources: the connections file and the warehouse. No connection opened at load."""
+"""Dagster resources: the connections file and the lake. No connection opened at load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from groupsync_pipeline.config import (
     load_connections,
 )
 from groupsync_pipeline.storage.control import ControlStore
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 
 class ConnectionsResource(dg.ConfigurableResource):
@@ -38,8 +38,8 @@ class ConnectionsResource(dg.ConfigurableResource):
             raise dg.Failure(description=str(exc)) from None
 
 
-class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB files; writers are serialized by a file lock and the warehouse pool."""
+class LakeResource(dg.ConfigurableResource):
+    """The DuckDB files; writers are serialized by a file lock and the lake pool."""
 
     data_dir: str | None = Field(
         default=None,
@@ -47,8 +47,8 @@ class WarehouseResource(dg.ConfigurableResource):
         "else ./groupsync-data.",
     )
 
-    def get(self) -> Warehouse:
-        return Warehouse(data_dir(self.data_dir))
+    def get(self) -> Lake:
+        return Lake(data_dir(self.data_dir))
 
     def control(self) -> ControlStore:
         """Import requests, the email outbox and shrink confirmations (never locks DuckDB)."""

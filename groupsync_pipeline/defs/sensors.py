@@ -12,7 +12,7 @@ import dagster as dg
 from groupsync_pipeline.completion_emails import send_completion_emails
 from groupsync_pipeline.config import ConfigError, env_number
 from groupsync_pipeline.defs.jobs import import_user_group
-from groupsync_pipeline.defs.resources import WarehouseResource
+from groupsync_pipeline.defs.resources import LakeResource
 from groupsync_pipeline.import_runs import REQUEST_ID_TAG, REQUEST_KEY_TAG, request_tags
 from groupsync_pipeline.storage.control import (
     LEGACY_KEY_PREFIX,
@@ -20,7 +20,7 @@ from groupsync_pipeline.storage.control import (
     ImportRequest,
     committed_import,
 )
-from groupsync_pipeline.storage.warehouse import Warehouse
+from groupsync_pipeline.storage.lake import Lake
 
 # The daemon's sensor loop comes round every 5 s; a minimum interval just under it makes the
 # sensor tick on every round (at 5 s, rounds a hair early would be skipped: 10 s gaps). The
@@ -37,7 +37,7 @@ START_TIMEOUT_ENV = "GROUPSYNC_REQUEST_START_TIMEOUT_MINUTES"
 DEFAULT_START_TIMEOUT = timedelta(minutes=10)
 RELAUNCH_AFTER = timedelta(seconds=60)  # asked again (same run key: never twice) meanwhile
 # A canceled run may still have a live worker (a forced termination marks it canceled at once):
-# its request is settled only this long after the run ended, from the warehouse.
+# its request is settled only this long after the run ended, from the lake.
 SETTLE_GRACE = timedelta(seconds=60)
 
 
@@ -105,12 +105,12 @@ def _ended_recently(instance: dg.DagsterInstance, run: dg.DagsterRun, now: datet
 
 
 def _settle_from_warehouse(
-    control: ControlStore, warehouse: Warehouse, request: ImportRequest, error: str
+    control: ControlStore, lake: Lake, request: ImportRequest, error: str
 ) -> str | None:
-    """Done if the warehouse holds the import of the request's run, else failed. None: the
-    warehouse is busy (a writer holds it) and the request is settled by a later tick."""
-    with warehouse.read_if_free() as conn:
-        if conn is None and warehouse.warehouse_path.exists():
+    """Done if the lake holds the import of the request's run, else failed. None: the
+    lake is busy (a writer holds it) and the request is settled by a later tick."""
+    with lake.read_if_free() as conn:
+        if conn is None and lake.exists():
             return None
         outcome = None if conn is None else committed_import(conn, request)
     if outcome is not None and request.run_id is not None:
@@ -123,14 +123,14 @@ def _settle_from_warehouse(
 def reconcile(
     instance: dg.DagsterInstance,
     control: ControlStore,
-    warehouse: Warehouse,
+    lake: Lake,
     now: datetime | None = None,
     timeout: timedelta = DEFAULT_START_TIMEOUT,
 ) -> tuple[dict[str, int], list[ImportRequest]]:
     """Settle launched requests whose run ended (killed worker, canceled run, bad run config,
-    a crash between the warehouse commit and the request update), or never came to exist.
+    a crash between the lake commit and the request update), or never came to exist.
 
-    The warehouse decides: a request whose run committed its import is done, whatever the
+    The lake decides: a request whose run committed its import is done, whatever the
     run said afterwards. Returns the counts settled, and the launched requests that still have
     no run and should be asked for again.
     """
@@ -152,7 +152,7 @@ def reconcile(
                     f"no Dagster run was started for it within {timeout} of its launch (the "
                     "run was never created, or was deleted)"
                 )
-            status = _settle_from_warehouse(control, warehouse, request, error)
+            status = _settle_from_warehouse(control, lake, request, error)
         elif not run.is_finished or _ended_recently(instance, run, now):
             continue
         else:
@@ -168,7 +168,7 @@ def reconcile(
                 error = _run_failure(instance, run)
                 if run.status == dg.DagsterRunStatus.SUCCESS:
                     error = "the run succeeded but did not record the import (see the run log)"
-                status = _settle_from_warehouse(control, warehouse, request, error)
+                status = _settle_from_warehouse(control, lake, request, error)
         if status is not None:
             settled[status] += 1
     return settled, relaunch
@@ -180,20 +180,20 @@ def reconcile(
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches one import run per pending import request (run key = the request's "
     "unique key), settles requests whose run ended without recording them (from what the "
-    "warehouse holds), fails requests whose run never appeared, and sends completion emails.",
+    "lake holds), fails requests whose run never appeared, and sends completion emails.",
 )
 def import_request_sensor(
-    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+    context: dg.SensorEvaluationContext, lake: LakeResource
 ) -> dg.SensorResult:
-    # The control store, and the warehouse only to settle a dead run and only if no writer
+    # The control store, and the lake only to settle a dead run and only if no writer
     # holds it: a tick never waits for an import.
-    control = warehouse.control()
+    control = lake.control()
     try:
         timeout = start_timeout()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc)) from None
     fresh = control.unlaunched(LAUNCH_BATCH)
-    settled, relaunch = reconcile(context.instance, control, warehouse.get(), timeout=timeout)
+    settled, relaunch = reconcile(context.instance, control, lake.get(), timeout=timeout)
     control.mark_launched(r.request_id for r in fresh)
     emails = send_completion_emails(
         control,

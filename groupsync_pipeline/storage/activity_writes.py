@@ -6,7 +6,7 @@ actors are resolved to accounts, the automatic groups are brought up to date, an
 are the new activities tagged, so an activity is tagged with the groups as they stood when it
 arrived, once.
 
-Actors named only by a sign-in name (file events) are resolved from what the warehouse knows
+Actors named only by a sign-in name (file events) are resolved from what the lake knows
 (``unknown_actor_names`` tells the ingest which names it does not); the ingest looks those up
 in the app's directory before the merge, never inside it, and hands the answer over as an
 ``ActorLookup``.
@@ -24,9 +24,10 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
+from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
-from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import (
+    NEXT_GROUP_KEY,
     record_connection,
     replace_current_members,
     upsert_incoming_accounts,
@@ -95,7 +96,7 @@ class ActivityStaging:
 
     def actor_names(self) -> list[str]:
         """Sign-in names (lower case) of people in the staged events that name no account and
-        whose name no staged event pairs with an account id: what the warehouse may not know."""
+        whose name no staged event pairs with an account id: what the lake may not know."""
         self.flush()
         rows = self._conn.execute(
             """
@@ -186,13 +187,14 @@ def ensure_automatic_groups(
         groups["administrators"] = (automatic_group_id(connection.name, "auto:admins"), admin_name)
     for group_id, name in groups.values():
         conn.execute(
-            """
+            f"""
             INSERT INTO user_groups (group_id, name, type, connection, remote_group_id,
-                                     imported_at, last_synced_at, member_count, deleted_at)
-            VALUES (?, ?, 'automatic', ?, NULL, ?, NULL, 0, NULL)
-            ON CONFLICT (group_id) DO NOTHING
+                            imported_at, last_synced_at, member_count, deleted_at, group_key)
+            SELECT $group_id, $name, 'automatic', $connection, NULL, $now, NULL, 0, NULL,
+                   {NEXT_GROUP_KEY}
+            WHERE NOT EXISTS (SELECT 1 FROM user_groups WHERE group_id = $group_id)
             """,
-            [group_id, name, connection.name, now],
+            {"group_id": group_id, "name": name, "connection": connection.name, "now": now},
         )
     return {kind: group_id for kind, (group_id, _) in groups.items()}
 
@@ -229,7 +231,7 @@ def merge_activities(
     guests and #EXT# accounts count as external. ``errors``: what could not be read this time
     ({source or "administrators" / "domains" / "users": error}), recorded in
     activity_sources_state without moving its watermark; a source read successfully has its
-    error cleared. ``actor_lookup``: the directory's answer for the names the warehouse did
+    error cleared. ``actor_lookup``: the directory's answer for the names the lake did
     not know; None when it could not be asked, so those names stay without an account.
     Raises DuplicateActivityError rather than store an event twice.
     """
@@ -257,15 +259,14 @@ def merge_activities(
 
     quoted = str(staging.path).replace("'", "''")
     conn.execute(f"ATTACH '{quoted}' AS activity_staging (READ_ONLY)")
-    try:
-        # One row per event: a window can hand the same event over twice.
-        conn.execute(
-            f"CREATE OR REPLACE TEMP TABLE incoming_activities AS "
-            f"SELECT DISTINCT ON ({_ID_SPACE.format(t='s')}, event_id) * "
-            f"FROM activity_staging.staged_activities AS s"
-        )
-    finally:
-        conn.execute("DETACH activity_staging")
+    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
+    # write's connection closes after COMMIT, which detaches it.
+    # One row per event: a window can hand the same event over twice.
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE incoming_activities AS "
+        f"SELECT DISTINCT ON ({_ID_SPACE.format(t='s')}, event_id) * "
+        f"FROM activity_staging.staged_activities AS s"
+    )
     received, earliest = conn.execute(
         "SELECT count(*), min(occurred_at) FROM incoming_activities"
     ).fetchall()[0]
@@ -340,14 +341,20 @@ def merge_activities(
     for read in reads:
         conn.execute(
             """
-            INSERT INTO activity_sources_state (connection, source, read_until, last_read_at,
-                                                events_read, events_new, gap_before)
-            VALUES ($connection, $source, $until, $now, $read, $new, $gap)
-            ON CONFLICT (connection, source) DO UPDATE SET read_until = excluded.read_until,
-                last_read_at = excluded.last_read_at, events_read = excluded.events_read,
-                events_new = excluded.events_new,
-                gap_before = coalesce(excluded.gap_before, activity_sources_state.gap_before),
+            MERGE INTO activity_sources_state AS s
+            USING (SELECT $connection::VARCHAR AS connection, $source::VARCHAR AS source,
+                          $until::TIMESTAMPTZ AS read_until, $now::TIMESTAMPTZ AS last_read_at,
+                          $read::BIGINT AS events_read, $new::BIGINT AS events_new,
+                          $gap::TIMESTAMPTZ AS gap_before) AS n
+            ON s.connection = n.connection AND s.source = n.source
+            WHEN MATCHED THEN UPDATE SET read_until = n.read_until,
+                last_read_at = n.last_read_at, events_read = n.events_read,
+                events_new = n.events_new, gap_before = coalesce(n.gap_before, s.gap_before),
                 last_error = NULL, last_error_at = NULL
+            WHEN NOT MATCHED THEN INSERT (connection, source, read_until, last_read_at,
+                events_read, events_new, gap_before)
+                VALUES (n.connection, n.source, n.read_until, n.last_read_at, n.events_read,
+                        n.events_new, n.gap_before)
             """,
             {
                 "connection": connection.name,
@@ -411,7 +418,7 @@ SIGN_IN_PAIRING_WINDOW = timedelta(days=30)
 def unknown_actor_names(
     conn: duckdb.DuckDBPyConnection, connection: str, names: list[str], now: datetime
 ) -> list[str]:
-    """Of these lower-case sign-in names, those the warehouse cannot tie to an account: the
+    """Of these lower-case sign-in names, those the lake cannot tie to an account: the
     ones to look up in the app's directory (before the merge: never network I/O inside it)."""
     if not names:
         return []
@@ -637,10 +644,14 @@ def _record_reads_besides_logs(
     for source, error in errors.items():
         conn.execute(
             """
-            INSERT INTO activity_sources_state (connection, source, last_error, last_error_at)
-            VALUES (?, ?, ?, ?)
-            ON CONFLICT (connection, source) DO UPDATE SET last_error = excluded.last_error,
-                last_error_at = excluded.last_error_at
+            MERGE INTO activity_sources_state AS s
+            USING (SELECT ?::VARCHAR AS connection, ?::VARCHAR AS source,
+                          ?::VARCHAR AS last_error, ?::TIMESTAMPTZ AS last_error_at) AS n
+            ON s.connection = n.connection AND s.source = n.source
+            WHEN MATCHED THEN UPDATE SET last_error = n.last_error,
+                last_error_at = n.last_error_at
+            WHEN NOT MATCHED THEN INSERT (connection, source, last_error, last_error_at)
+                VALUES (n.connection, n.source, n.last_error, n.last_error_at)
             """,
             [connection, source, error, now],
         )
@@ -648,12 +659,14 @@ def _record_reads_besides_logs(
         if read is not None and source not in errors:
             conn.execute(
                 """
-                INSERT INTO activity_sources_state (connection, source, last_read_at,
-                                                    events_read)
-                VALUES (?, ?, ?, ?)
-                ON CONFLICT (connection, source) DO UPDATE SET
-                    last_read_at = excluded.last_read_at, events_read = excluded.events_read,
-                    last_error = NULL, last_error_at = NULL
+                MERGE INTO activity_sources_state AS s
+                USING (SELECT ?::VARCHAR AS connection, ?::VARCHAR AS source,
+                              ?::TIMESTAMPTZ AS last_read_at, ?::BIGINT AS events_read) AS n
+                ON s.connection = n.connection AND s.source = n.source
+                WHEN MATCHED THEN UPDATE SET last_read_at = n.last_read_at,
+                    events_read = n.events_read, last_error = NULL, last_error_at = NULL
+                WHEN NOT MATCHED THEN INSERT (connection, source, last_read_at, events_read)
+                    VALUES (n.connection, n.source, n.last_read_at, n.events_read)
                 """,
                 [connection, source, now, read],
             )

@@ -1,11 +1,11 @@
 """The control store: import requests, the email outbox and shrink confirmations.
 
-It is a small SQLite file beside the warehouse, not a table in it, because the CLI and the
+It is a small SQLite file beside the lake, not a table in it, because the CLI and the
 sensor must record and read requests at any moment: DuckDB would make them wait for (or block)
 a running import. SQLite in WAL mode lets short writers from many processes take turns
 (``busy_timeout``) and readers never wait.
 
-The warehouse, not this file, decides whether a group was imported: an import commits its
+The lake, not this file, decides whether a group was imported: an import commits its
 members and its ``group_syncs`` row (with the run id) in one DuckDB transaction, and only then
 is its request marked done here. A run that dies in between is reconciled from that row. Every
 status change is guarded on the status it expects and on the run that owns the request, so a
@@ -182,7 +182,7 @@ class CommittedImport:
 
 @dataclass(frozen=True)
 class ImportedGroups:
-    """What the warehouse said about imported groups, read just before recording requests.
+    """What the lake said about imported groups, read just before recording requests.
 
     ``read_at`` is when that read began: a request marked done after it may not be in the read
     (its commit came later), so the recording transaction counts it as imported too.
@@ -454,9 +454,9 @@ class ControlStore:
         remote_group_id: str | None = None,
         group_name: str | None = None,
     ) -> bool:
-        """The import committed (the warehouse says so). A request of this run that was marked
+        """The import committed (the lake says so). A request of this run that was marked
         failed meanwhile (its run was reported ended while the worker still ran, e.g. a forced
-        termination) becomes done too: the warehouse decides. False: the request belongs to
+        termination) becomes done too: the lake decides. False: the request belongs to
         another run, or was canceled before this run claimed it; nothing changed."""
         with self._transaction() as conn:
             cursor = conn.execute(
@@ -676,8 +676,8 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore) -> None:
-    """Make the warehouse's ``import_requests`` a copy of the control store's, corrected by
-    the warehouse itself: a request whose run committed its import (a ``group_syncs`` row of
+    """Make the lake's ``import_requests`` a copy of the control store's, corrected by
+    the lake itself: a request whose run committed its import (a ``group_syncs`` row of
     that run) is done, whatever the control store has caught up with yet."""
     frame = store.requests_frame()
     conn.execute("DELETE FROM import_requests")
@@ -705,7 +705,7 @@ def mirror_import_requests(conn: duckdb.DuckDBPyConnection, store: ControlStore)
 def committed_import(
     conn: duckdb.DuckDBPyConnection, request: ImportRequest
 ) -> CommittedImport | None:
-    """The warehouse's record of the request's run committing its import, if it did."""
+    """The lake's record of the request's run committing its import, if it did."""
     if request.run_id is None or request.remote_group_id is None:
         return None
     rows = conn.execute(

@@ -1,11 +1,13 @@
 -- groupsync warehouse schema: the single source of truth for every table and view.
--- Applied idempotently on every write (CREATE ... IF NOT EXISTS / CREATE OR REPLACE VIEW).
+-- The tables live in a DuckLake (storage/lake.py). Applied when the lake's recorded schema version
+-- (_schema_state) differs from this file's. DuckLake has no keys, constraints or sequences: the
+-- writers keep each table's documented key unique (they are serialized by the lake's writer lock).
 -- Times are TIMESTAMPTZ in UTC. The public interface (documented in README.md) is every
 -- table and view below except those whose name starts with an underscore.
 
 -- connected_apps: one row per configured connection that the pipeline has talked to.
 CREATE TABLE IF NOT EXISTS connected_apps (
-    connection      VARCHAR PRIMARY KEY,   -- the connection's name in the connections file
+    connection      VARCHAR NOT NULL,      -- the connection's name in the connections file (key)
     app             VARCHAR NOT NULL,      -- office365 | google_workspace | box | dropbox | salesforce
     tenant_id       VARCHAR,               -- the app's tenant / enterprise id (no secrets)
     first_seen_at   TIMESTAMPTZ NOT NULL,  -- first time the pipeline used this connection
@@ -23,28 +25,23 @@ CREATE TABLE IF NOT EXISTS group_catalog (
     mail                VARCHAR,
     kind                VARCHAR,           -- e.g. microsoft365, security, mail-enabled security, distribution
     remote_member_count BIGINT,            -- people in the group per the app (nested flattened); NULL if unknown
-    seen_at             TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (connection, remote_group_id)
+    seen_at             TIMESTAMPTZ NOT NULL   -- key: (connection, remote_group_id)
 );
-
--- Small integer keys for groups: activity tags store these (millions of rows), not group ids.
-CREATE SEQUENCE IF NOT EXISTS user_group_keys START 1;
 
 -- user_groups: the groups groupsync tracks, imported by a person or maintained automatically.
 CREATE TABLE IF NOT EXISTS user_groups (
-    group_id        VARCHAR PRIMARY KEY,   -- '<connection>:<remote_group_id>' for imported groups
+    group_id        VARCHAR NOT NULL,      -- key; '<connection>:<remote_group_id>' for imported groups
     name            VARCHAR NOT NULL,      -- display name at the last sync
-    type            VARCHAR NOT NULL CHECK (type IN ('imported', 'automatic')),
+    type            VARCHAR NOT NULL,      -- imported | automatic
     connection      VARCHAR,
     remote_group_id VARCHAR,
     imported_at     TIMESTAMPTZ,           -- when the first import committed; tags start here
     last_synced_at  TIMESTAMPTZ,           -- when members were last read from the app
     member_count    BIGINT NOT NULL,       -- current members (open intervals in group_memberships)
     deleted_at      TIMESTAMPTZ,           -- set when the group disappeared from the app
-    group_key       INTEGER DEFAULT nextval('user_group_keys')  -- set once, never reused
+    group_key       INTEGER NOT NULL       -- small number that activity tags store (millions of
+                                           -- rows) instead of group_id: set once, never reused
 );
--- Warehouses created before activities existed get the key (existing groups numbered now).
-ALTER TABLE user_groups ADD COLUMN IF NOT EXISTS group_key INTEGER DEFAULT nextval('user_group_keys');
 
 -- accounts: people's accounts in each connected app, as last seen. One row per
 -- (connection, account_id), kept so by the writer; no index, so bulk merges stay fast.
@@ -86,15 +83,13 @@ CREATE TABLE IF NOT EXISTS group_syncs (
     duration_seconds    DOUBLE NOT NULL,
     mode                VARCHAR                -- import | delta | full (hourly syncs); NULL before v0.2
 );
--- Warehouses created before hourly syncs existed get the column added.
-ALTER TABLE group_syncs ADD COLUMN IF NOT EXISTS mode VARCHAR;
 
 -- import_requests: every request to import a group (command line or Dagster launchpad) and its
 -- outcome. A copy of the control store (control.sqlite3), refreshed at every warehouse write and
 -- corrected by the warehouse itself (a request whose run committed its import is done);
 -- `groupsync requests` shows the live state.
 CREATE TABLE IF NOT EXISTS import_requests (
-    request_id       BIGINT PRIMARY KEY,
+    request_id       BIGINT NOT NULL,       -- key
     connection       VARCHAR NOT NULL,
     group_reference  VARCHAR NOT NULL,      -- what the person asked for: id or exact name
     remote_group_id  VARCHAR,               -- the group's id in the app, once resolved
@@ -113,17 +108,16 @@ CREATE TABLE IF NOT EXISTS import_requests (
     "left"           BIGINT,
     nested_groups    BIGINT,
     pages            BIGINT,
-    duration_seconds DOUBLE
+    duration_seconds DOUBLE,
+    request_key      VARCHAR,               -- unique forever
+    launched_at      TIMESTAMPTZ,
+    progress_pages   BIGINT,
+    progress_members BIGINT
 );
--- Warehouses created before request keys, launch times and progress existed get the columns.
-ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS request_key VARCHAR;  -- unique forever
-ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS launched_at TIMESTAMPTZ;
-ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS progress_pages BIGINT;
-ALTER TABLE import_requests ADD COLUMN IF NOT EXISTS progress_members BIGINT;
 
 -- connection_sync_state: where each connection's hourly sync stands.
 CREATE TABLE IF NOT EXISTS connection_sync_state (
-    connection         VARCHAR PRIMARY KEY,
+    connection         VARCHAR NOT NULL,    -- key
     delta_link         VARCHAR,             -- the app's resume point (Graph @odata.deltaLink)
     chain_started_at   TIMESTAMPTZ,         -- when the current delta chain began (a full read)
     last_synced_at     TIMESTAMPTZ,         -- last committed sync of any kind
@@ -131,8 +125,6 @@ CREATE TABLE IF NOT EXISTS connection_sync_state (
     last_full_sync_reason VARCHAR,          -- first sync | periodic | delta state expired ... | requested
     api_root           VARCHAR              -- the API root and tenant delta_link belongs to
 );
--- Warehouses from before it get the column (NULL: unknown, so the next sync reads in full).
-ALTER TABLE connection_sync_state ADD COLUMN IF NOT EXISTS api_root VARCHAR;
 
 -- membership_holds: syncs that would have removed too many members of a group, held back.
 -- While a hold is 'held' the group is not changed; `groupsync confirm-shrink` or the next full
@@ -200,6 +192,9 @@ CREATE TABLE IF NOT EXISTS activities (
     raw              VARCHAR,               -- the event as received (JSON text: query it with raw::JSON)
     ingested_at      TIMESTAMPTZ NOT NULL
 );
+-- One folder of Parquet files per day of occurred_at: "the last 7 days" reads a week of files,
+-- and retention drops whole days (storage/maintenance.py).
+ALTER TABLE activities SET PARTITIONED BY (year(occurred_at), month(occurred_at), day(occurred_at));
 
 -- activity_sources_state: how far each audit log has been read, per connection.
 CREATE TABLE IF NOT EXISTS activity_sources_state (
@@ -213,8 +208,7 @@ CREATE TABLE IF NOT EXISTS activity_sources_state (
     gap_before       TIMESTAMPTZ,           -- set when the app no longer kept events back to the
                                             -- previous read: events before this were lost
     last_error       VARCHAR,               -- why the last attempt failed; NULL after a success
-    last_error_at    TIMESTAMPTZ,
-    PRIMARY KEY (connection, source)
+    last_error_at    TIMESTAMPTZ            -- key: (connection, source)
 );
 
 -- activity_groups: the groups each activity is tagged with. A group tags an activity when the
@@ -226,8 +220,10 @@ CREATE TABLE IF NOT EXISTS activity_sources_state (
 -- shows them by group_id.
 CREATE TABLE IF NOT EXISTS _activity_group_keys (
     activity_id BIGINT NOT NULL,
-    group_key   INTEGER NOT NULL
+    group_key   INTEGER NOT NULL,
+    occurred_on DATE NOT NULL               -- the activity's day (UTC): partitions as activities do
 );
+ALTER TABLE _activity_group_keys SET PARTITIONED BY (year(occurred_on), month(occurred_on), day(occurred_on));
 
 -- _tagging_state (internal): activities up to this activity_id have been tagged.
 CREATE TABLE IF NOT EXISTS _tagging_state (
@@ -237,7 +233,7 @@ CREATE TABLE IF NOT EXISTS _tagging_state (
 -- alerts: what the policies raised. One row per policy, actor and burst (threshold policies) or
 -- run (other policies).
 CREATE TABLE IF NOT EXISTS alerts (
-    alert_id         VARCHAR PRIMARY KEY,   -- stable: re-evaluating the same activities gives the same id
+    alert_id         VARCHAR NOT NULL,      -- key; stable: re-evaluating the same activities gives the same id
     policy           VARCHAR NOT NULL,
     severity         VARCHAR NOT NULL,      -- low | medium | high | critical
     raised_at        TIMESTAMPTZ NOT NULL,
@@ -255,7 +251,7 @@ CREATE TABLE IF NOT EXISTS alerts (
 
 -- _policy_state (internal): activities up to this activity_id have been evaluated by the policy.
 CREATE TABLE IF NOT EXISTS _policy_state (
-    policy            VARCHAR PRIMARY KEY,
+    policy            VARCHAR NOT NULL,     -- key
     evaluated_through BIGINT NOT NULL,
     definition_hash   VARCHAR NOT NULL      -- of the fields that decide matching: a change
                                             -- starts the policy again from new activities
@@ -291,3 +287,9 @@ SELECT g.group_id,
 FROM _activity_group_keys AS k
 JOIN user_groups AS g ON g.group_key = k.group_key
 JOIN activities AS a ON a.activity_id = k.activity_id;
+
+-- _schema_state (internal): the version of this file the lake was last brought up to.
+CREATE TABLE IF NOT EXISTS _schema_state (
+    schema_version VARCHAR NOT NULL,
+    applied_at     TIMESTAMPTZ NOT NULL
+);

@@ -2,9 +2,9 @@
 
 A round from the app (a delta since the last sync, or a full read that starts a new chain) is
 streamed to a private staging file. ``resolve_round`` then works out, in the staging file and
-against a read-only view of the warehouse, each group's direct members after the round and the
+against a read-only view of the lake, each group's direct members after the round and the
 people in every imported group (the transitive closure over nested groups, a recursive CTE).
-``apply_round`` makes the warehouse match in one transaction: intervals open and close at the
+``apply_round`` makes the lake match in one transaction: intervals open and close at the
 sync time, held shrinks are left alone, deleted groups are marked deleted.
 """
 
@@ -21,7 +21,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, DeltaPage
-from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
+from groupsync_pipeline.storage.lake import Lake, open_staging_file, remove_staging_file
 from groupsync_pipeline.storage.writes import record_connection
 
 _STAGING_DDL = """
@@ -139,7 +139,7 @@ class DeltaStaging:
 
 def resolve_round(
     staging: DeltaStaging,
-    warehouse_path: Path,
+    lake: Lake,
     connection: str,
     full: bool,
     imported_remote_ids: list[str],
@@ -149,12 +149,12 @@ def resolve_round(
 
     ``deleted_remote_ids`` are imported groups already marked deleted: one the round shows
     again (Graph restores soft-deleted groups for 30 days) is synced again.
-    Must run under the warehouse's shared lock. Returns the ids of people in imported groups
-    whose account details the warehouse does not have yet (to fetch from the app).
+    Must run under the lake's shared lock. Returns the ids of people in imported groups
+    whose account details the lake does not have yet (to fetch from the app).
     """
     staging.flush()
     conn = staging.conn
-    conn.execute(f"ATTACH '{_quoted(warehouse_path)}' AS wh (READ_ONLY)")
+    lake.attach(conn, "wh", read_only=True)
     try:
         frame = pd.DataFrame(
             {
@@ -338,48 +338,49 @@ def apply_round(
     policy: ShrinkPolicy,
     confirmations: dict[str, datetime],
 ) -> RoundResult:
-    """Make the warehouse match the resolved round, in the caller's transaction."""
+    """Make the lake match the resolved round, in the caller's transaction."""
     staging.close()
     mode = "full" if full else "delta"
     name = connection.name
     record_connection(conn, connection, now)
     conn.execute(f"ATTACH '{_quoted(staging.path)}' AS stage (READ_ONLY)")
-    try:
-        result = _apply(conn, name, full, mode, now, policy, confirmations, run_id)
-        _record_syncs(conn, result, now, run_id, pages, duration_seconds, mode)
-        conn.execute("DELETE FROM _remote_direct_members WHERE connection = ?", [name])
-        conn.execute(
-            "INSERT INTO _remote_direct_members SELECT $connection, parent_id, member_id, "
-            "member_type FROM stage.new_edges",
-            {"connection": name},
-        )
-        _update_catalog(conn, connection, full, now)
-        conn.execute(
-            """
-            INSERT INTO connection_sync_state (connection, delta_link, chain_started_at,
-                last_synced_at, last_full_sync_at, last_full_sync_reason, api_root)
-            VALUES ($connection, $link, $now, $now, $now, $reason, $api_root)
-            ON CONFLICT (connection) DO UPDATE SET delta_link = excluded.delta_link,
-                api_root = excluded.api_root,
-                last_synced_at = excluded.last_synced_at,
-                chain_started_at = CASE WHEN $full THEN excluded.chain_started_at
-                                        ELSE connection_sync_state.chain_started_at END,
-                last_full_sync_at = CASE WHEN $full THEN excluded.last_full_sync_at
-                                         ELSE connection_sync_state.last_full_sync_at END,
-                last_full_sync_reason = CASE WHEN $full THEN excluded.last_full_sync_reason
-                                         ELSE connection_sync_state.last_full_sync_reason END
-            """,
-            {
-                "connection": name,
-                "link": delta_link,
-                "api_root": api_root,
-                "now": now,
-                "reason": full_reason,
-                "full": full,
-            },
-        )
-    finally:
-        conn.execute("DETACH stage")
+    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
+    # write's connection closes after COMMIT, which detaches it.
+    result = _apply(conn, name, full, mode, now, policy, confirmations, run_id)
+    _record_syncs(conn, result, now, run_id, pages, duration_seconds, mode)
+    conn.execute("DELETE FROM _remote_direct_members WHERE connection = ?", [name])
+    conn.execute(
+        "INSERT INTO _remote_direct_members SELECT $connection, parent_id, member_id, "
+        "member_type FROM stage.new_edges",
+        {"connection": name},
+    )
+    _update_catalog(conn, connection, full, now)
+    conn.execute(
+        """
+        MERGE INTO connection_sync_state AS s
+        USING (SELECT $connection::VARCHAR AS connection, $link::VARCHAR AS delta_link,
+                      $now::TIMESTAMPTZ AS now, $reason::VARCHAR AS reason,
+                      $api_root::VARCHAR AS api_root, $full::BOOLEAN AS full) AS n
+        ON s.connection = n.connection
+        WHEN MATCHED THEN UPDATE SET delta_link = n.delta_link, api_root = n.api_root,
+            last_synced_at = n.now,
+            chain_started_at = CASE WHEN n.full THEN n.now ELSE s.chain_started_at END,
+            last_full_sync_at = CASE WHEN n.full THEN n.now ELSE s.last_full_sync_at END,
+            last_full_sync_reason = CASE WHEN n.full THEN n.reason
+                                         ELSE s.last_full_sync_reason END
+        WHEN NOT MATCHED THEN INSERT (connection, delta_link, chain_started_at,
+            last_synced_at, last_full_sync_at, last_full_sync_reason, api_root)
+            VALUES (n.connection, n.delta_link, n.now, n.now, n.now, n.reason, n.api_root)
+        """,
+        {
+            "connection": name,
+            "link": delta_link,
+            "api_root": api_root,
+            "now": now,
+            "reason": full_reason,
+            "full": full,
+        },
+    )
     return result
 
 

@@ -26,8 +26,8 @@ import duckdb
 # One statement: the planner hashes the (small) interval side and streams activities past it.
 # coalesce(valid_to, 'infinity') keeps the predicate a plain range test (no OR).
 _TAG_SQL = """
-INSERT INTO _activity_group_keys (activity_id, group_key)
-SELECT a.activity_id, g.group_key
+INSERT INTO _activity_group_keys (activity_id, group_key, occurred_on)
+SELECT a.activity_id, g.group_key, (a.occurred_at AT TIME ZONE 'UTC')::DATE
 FROM activities AS a
 JOIN group_memberships AS m
   ON m.connection = a.connection

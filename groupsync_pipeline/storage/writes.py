@@ -1,4 +1,4 @@
-"""Writes to the warehouse: catalog snapshots, connected apps, and group imports.
+"""Writes to the lake: catalog snapshots, connected apps, and group imports.
 
 Everything is bulk-loaded from DataFrames; nothing is inserted row by row.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, RemoteGroup
-from groupsync_pipeline.storage.warehouse import open_staging_file, remove_staging_file
+from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
 
 _STAGED_DDL = """
 CREATE TABLE IF NOT EXISTS staged_accounts (
@@ -25,6 +25,11 @@ CREATE TABLE IF NOT EXISTS staged_accounts (
     user_principal_name VARCHAR, user_type VARCHAR, is_external BOOLEAN NOT NULL, enabled BOOLEAN
 )
 """
+
+
+# user_groups.group_key for a new group: the next unused number. Safe because writers hold the
+# lake's writer lock (storage/lake.py); keys are never reused, as groups are never deleted.
+NEXT_GROUP_KEY = "(SELECT coalesce(max(group_key), 0) + 1 FROM user_groups)"
 
 
 def imported_group_id(connection: str, remote_group_id: str) -> str:
@@ -39,10 +44,13 @@ def record_connection(
 ) -> None:
     conn.execute(
         """
-        INSERT INTO connected_apps (connection, app, tenant_id, first_seen_at)
-        VALUES (?, ?, ?, ?)
-        ON CONFLICT (connection) DO UPDATE SET app = excluded.app,
-            tenant_id = coalesce(excluded.tenant_id, connected_apps.tenant_id)
+        MERGE INTO connected_apps AS c
+        USING (SELECT ?::VARCHAR AS connection, ?::VARCHAR AS app, ?::VARCHAR AS tenant_id,
+                      ?::TIMESTAMPTZ AS first_seen_at) AS n
+        ON c.connection = n.connection
+        WHEN MATCHED THEN UPDATE SET app = n.app, tenant_id = coalesce(n.tenant_id, c.tenant_id)
+        WHEN NOT MATCHED THEN INSERT (connection, app, tenant_id, first_seen_at)
+            VALUES (n.connection, n.app, n.tenant_id, n.first_seen_at)
         """,
         [connection.name, connection.app, tenant_id or connection.tenant_id or None, now],
     )
@@ -179,12 +187,9 @@ def merge_group_members(
     record_connection(conn, connection, now)
     quoted = str(staging.path).replace("'", "''")
     conn.execute(f"ATTACH '{quoted}' AS staging (READ_ONLY)")
-    try:
-        conn.execute(
-            "CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM staging.staged_accounts"
-        )
-    finally:
-        conn.execute("DETACH staging")
+    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
+    # write's connection closes after COMMIT, which detaches it.
+    conn.execute("CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM staging.staged_accounts")
     rows, distinct = conn.execute(
         "SELECT count(*), count(DISTINCT account_id) FROM incoming"
     ).fetchall()[0]
@@ -197,13 +202,18 @@ def merge_group_members(
     joined, left = replace_current_members(conn, group_id, connection.name, now)
     members = distinct
     conn.execute(
-        """
-        INSERT INTO user_groups (group_id, name, type, connection, remote_group_id, imported_at,
-                                 last_synced_at, member_count, deleted_at)
-        VALUES ($group_id, $name, 'imported', $connection, $remote_id, $now, $now, $members, NULL)
-        ON CONFLICT (group_id) DO UPDATE SET name = excluded.name,
-            last_synced_at = excluded.last_synced_at, member_count = excluded.member_count,
-            deleted_at = NULL
+        f"""
+        MERGE INTO user_groups AS g
+        USING (SELECT $group_id::VARCHAR AS group_id, $name::VARCHAR AS name,
+                      $connection::VARCHAR AS connection, $remote_id::VARCHAR AS remote_group_id,
+                      $now::TIMESTAMPTZ AS now, $members::BIGINT AS member_count) AS n
+        ON g.group_id = n.group_id
+        WHEN MATCHED THEN UPDATE SET name = n.name, last_synced_at = n.now,
+            member_count = n.member_count, deleted_at = NULL
+        WHEN NOT MATCHED THEN INSERT (group_id, name, type, connection, remote_group_id,
+                imported_at, last_synced_at, member_count, deleted_at, group_key)
+            VALUES (n.group_id, n.name, 'imported', n.connection, n.remote_group_id, n.now,
+                    n.now, n.member_count, NULL, {NEXT_GROUP_KEY})
         """,
         {
             "group_id": group_id,
@@ -247,10 +257,17 @@ def upsert_incoming_accounts(
     ``keep_known``: a NULL in ``incoming`` keeps the stored value (a sparse listing, such as
     the members of an admin role, must not blank what a full user read stored).
     """
-    keep = "coalesce(i.{0}, accounts.{0})" if keep_known else "i.{0}"
+    # Cast: a column pandas left all-NULL arrives untyped (INTEGER), which COALESCE refuses.
+    keep = "coalesce(CAST(i.{0} AS {1}), accounts.{0})" if keep_known else "i.{0}"
     details = ", ".join(
-        f"{column} = {keep.format(column)}"
-        for column in ("email", "display_name", "user_principal_name", "user_type", "enabled")
+        f"{column} = {keep.format(column, kind)}"
+        for column, kind in (
+            ("email", "VARCHAR"),
+            ("display_name", "VARCHAR"),
+            ("user_principal_name", "VARCHAR"),
+            ("user_type", "VARCHAR"),
+            ("enabled", "BOOLEAN"),
+        )
     )
     external = "(i.is_external OR accounts.is_external)" if keep_known else "i.is_external"
     conn.execute(
