@@ -4,6 +4,8 @@ pipeline's own jobs run through Dagster against them, as the README's deployment
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import re
@@ -30,6 +32,7 @@ from groupsync_pipeline.dagster_home import open_dagster_instance
 from groupsync_pipeline.definitions import defs
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
+from groupsync_pipeline.storage.lake import Lake
 from tests.conftest import SECRET_ENV, write_connections
 from tests.pipeline_helpers import failure_message, import_group, query, run_job
 from tests.postgres_server import PostgresServer, postgres_server
@@ -199,13 +202,15 @@ def test_deploy_settings_are_the_instance_settings_on_postgres() -> None:
 @pytest.fixture
 def tenant(monkeypatch: pytest.MonkeyPatch) -> Iterator[GraphSandbox]:
     """A tenant of its own (the test changes a group), with only the events it injects."""
-    with GraphSandbox(build_organisation(), activity_rate=0, management_slot_seconds=2) as sandbox:
+    # A small organisation: the hourly sync reads the whole connection's delta.
+    organisation = build_organisation(users=1500, big_group_members=1200)
+    with GraphSandbox(organisation, activity_rate=0, management_slot_seconds=2) as sandbox:
         monkeypatch.setenv(SECRET_ENV, sandbox.client_secret)
         yield sandbox
 
 
 def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
-    deployment: Deployment, tenant: GraphSandbox, tmp_path: Path
+    deployment: Deployment, tenant: GraphSandbox, s3: S3Server, tmp_path: Path
 ) -> None:
     connections = write_connections(tmp_path / "connections.yaml", tenant)
     data_dir = deployment.data_dir
@@ -233,7 +238,7 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
             {
                 "resources": {
                     "connections": {"config": {"connections_file": str(connections)}},
-                    "warehouse": {"config": {"data_dir": str(data_dir)}},
+                    "lake": {"config": {"data_dir": str(data_dir)}},
                 },
                 "execution": {"config": {"in_process": {}}},
             },
@@ -260,6 +265,27 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
     (groups,) = [groups for event_id, groups in tagged.items() if sign_in in event_id]
     assert groups == ["HR"]
 
+    # The lake: its catalog in PostgreSQL, its data files in the bucket, none on local disk.
+    catalog = deployment.postgres.psql(
+        deployment.lake_db, "SELECT value FROM ducklake_metadata WHERE key = 'data_path'"
+    )
+    assert catalog == [[f"s3://{BUCKET}/{deployment.prefix}"]]
+    assert any(key.endswith(".parquet") for key in s3.keys(deployment.prefix))
+    assert not list(data_dir.rglob("*.parquet"))
+    # DuckLake's maintenance on PostgreSQL and S3 changes no answer.
+    answers = [query(data_dir, sql) for sql in STABLE_QUERIES]
+    lake = Lake(data_dir)
+    with lake.writer_lock():
+        conn = lake.connect()
+        try:
+            for call in MAINTENANCE:
+                conn.execute(call).fetchall()
+        finally:
+            conn.close()
+    assert [query(data_dir, sql) for sql in STABLE_QUERIES] == answers
+    files = deployment.postgres.psql(deployment.lake_db, "SELECT count(*) FROM ducklake_data_file")
+    assert int(files[0][0]) <= len(s3.keys(deployment.prefix))
+
     # Dagster's runs and their event logs are in PostgreSQL.
     stored = runs(deployment)
     assert stored == {
@@ -279,6 +305,18 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
     )
     assert slots == [[pool, "1", "0"] for pool in sorted(writer_pools())]
 
+
+STABLE_QUERIES = (
+    "SELECT * FROM group_memberships ORDER BY ALL",
+    "SELECT * FROM accounts ORDER BY ALL",
+    "SELECT event_id, groups FROM activities_tagged ORDER BY ALL",
+)
+MAINTENANCE = (
+    "CALL ducklake_flush_inlined_data('lake')",
+    "CALL ducklake_merge_adjacent_files('lake')",
+    "CALL ducklake_expire_snapshots('lake', older_than => now())",
+    "CALL ducklake_cleanup_old_files('lake', cleanup_all => true)",
+)
 
 IMPORT_IN_A_PROCESS = """
 import sys, time
@@ -305,7 +343,7 @@ def test_two_imports_at_once_from_two_processes_lose_nothing(
     monkeypatch.setenv(SECRET_ENV, sandbox.client_secret)
     connections = write_connections(tmp_path / "connections.yaml", sandbox)
     start = tmp_path / "start"
-    groups = ("All Company", "Region EMEA")
+    groups = ("HR", "Project Orion")
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", IMPORT_IN_A_PROCESS, group, str(connections)]
@@ -474,3 +512,80 @@ def test_code_server_and_daemon_carry_out_a_requested_import(
     ticks = sql(deployment.dagster_db, "SELECT DISTINCT selector_id IS NOT NULL FROM job_ticks")
     assert ticks == [["t"]]  # the sensor's ticks
     assert sql(deployment.dagster_db, "SELECT count(*) FROM daemon_heartbeats")[0][0] != "0"
+
+
+WRITER = """
+import json, sys, time
+from pathlib import Path
+from groupsync_pipeline.storage.lake import Lake
+
+name, data_dir, start, rounds, rows = sys.argv[1:]
+lake = Lake(Path(data_dir))
+asked, held = [], []
+print("ready", flush=True)
+while not Path(start).exists():
+    time.sleep(0.005)
+for round_ in range(int(rounds)):
+    asked.append(time.time())
+    for attempt in lake.retrying():
+        with attempt, lake.write() as conn:
+            began = time.time()
+            conn.execute(
+                "INSERT INTO group_memberships "
+                "SELECT ?, 'scale-out', ? || i, now(), NULL FROM range(?) t(i)",
+                [f"{name}:{round_}", f"{name}-{round_}-", int(rows)],
+            )
+            time.sleep(0.2)  # a writer that takes its time, with its rows not yet committed
+            span = (began, time.time())
+    held.append(span)
+print(json.dumps({"asked": asked, "held": held}), flush=True)
+"""
+
+
+def test_two_writers_at_once_lose_nothing_on_the_postgres_catalog(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Two processes writing through Lake.write() at the same moment, several transactions
+    each: every transaction commits, every row is there, and no two were open at once (the
+    writer lock is PostgreSQL's, so it holds across machines)."""
+    start = tmp_path / "start"
+    rounds, rows = 3, 5000
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, name, str(deployment.data_dir), str(start)]
+            + [str(rounds), str(rows)],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("A", "B")
+    ]
+    try:
+        for writer in writers:
+            assert writer.stdout is not None
+            assert writer.stdout.readline().strip() == "ready", writer.stderr
+        start.touch()
+        outputs = [writer.communicate(timeout=90) for writer in writers]
+    finally:
+        for writer in writers:
+            if writer.poll() is None:
+                writer.kill()
+    for writer, (_out, err) in zip(writers, outputs, strict=True):
+        assert writer.returncode == 0, err[-3000:]
+    (a, b) = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+
+    counts = dict(
+        query(
+            deployment.data_dir,
+            "SELECT group_id, count(DISTINCT account_id) FROM group_memberships "
+            "WHERE connection = 'scale-out' GROUP BY 1",
+        )
+    )
+    assert counts == {f"{name}:{n}": rows for name in "AB" for n in range(rounds)}
+    # They wrote at once: each asked to write before the other's first transaction ended...
+    assert a["asked"][0] < b["held"][0][1] and b["asked"][0] < a["held"][0][1], (a, b)
+    # ...and the lock let one transaction be open at a time.
+    held = sorted(a["held"] + b["held"])
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(held)), held
