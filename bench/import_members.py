@@ -1,8 +1,8 @@
 """Benchmark: import a 100,000-member group from the sandbox tenant.
 
 Prints members/s, pages, requests and peak RSS for (a) the bare download with httpx (fetch every
-page and discard it: the floor) and (b) groupsync's import (parse, stage, merge into DuckDB,
-publish the snapshot), each in its own process so peak RSS is that phase's own. The sandbox
+page and discard it: the floor) and (b) groupsync's import (parse, stage, merge into the lake
+in one DuckLake transaction), each in its own process so peak RSS is that phase's own. The sandbox
 serves from a third process. Goal: import within 1.5x of the bare download, peak RSS < 300 MB.
 
     python bench/import_members.py [--members 100000] [--repeat 2] [--latency-ms 100]
@@ -83,7 +83,7 @@ def bare_download(tenant: dict[str, Any], out: Any) -> None:
 
 
 def pipeline_import(tenant: dict[str, Any], data_dir: str, out: Any) -> None:
-    """groupsync's import: token, resolve, count, stream pages to staging, merge, publish."""
+    """groupsync's import: token, resolve, count, stream pages to staging, merge, commit."""
     from groupsync_pipeline.config import Connection
     from groupsync_pipeline.imports import import_group_members
     from groupsync_pipeline.storage.lake import Lake
@@ -121,6 +121,8 @@ def in_child(target: Any, *args: Any) -> dict[str, Any]:
 
 
 def measure(members: int, latency_ms: float, repeat: int) -> None:
+    from groupsync_pipeline.storage.lake import LAKE_DIR  # not in the bare download's process
+
     ctx = mp.get_context("spawn")
     ready_recv, ready_send = ctx.Pipe(duplex=False)
     stop_recv, stop_send = ctx.Pipe(duplex=False)
@@ -128,6 +130,9 @@ def measure(members: int, latency_ms: float, repeat: int) -> None:
         target=serve, args=(members, latency_ms, ready_send, stop_recv), daemon=True
     )
     server.start()
+    if not ready_recv.poll(300):  # the sandbox failed to start (its error is above)
+        server.kill()
+        raise SystemExit("the sandbox tenant did not start")
     tenant = ready_recv.recv()
     try:
         bare, piped = [], []
@@ -135,7 +140,8 @@ def measure(members: int, latency_ms: float, repeat: int) -> None:
             bare.append(in_child(bare_download, tenant))
             with tempfile.TemporaryDirectory() as data_dir:
                 piped.append(in_child(pipeline_import, tenant, data_dir))
-                db_mb = (Path(data_dir) / "groupsync.duckdb").stat().st_size / 2**20
+                lake = Path(data_dir) / LAKE_DIR
+                db_mb = sum(f.stat().st_size for f in lake.rglob("*") if f.is_file()) / 2**20
     finally:
         stop_send.send("stop")
         server.join(timeout=10)
@@ -150,7 +156,7 @@ def measure(members: int, latency_ms: float, repeat: int) -> None:
         )
     ratio = best_pipe["seconds"] / best_bare["seconds"]
     print(f"ratio import / bare download: {ratio:.2f}x (goal <= 1.5x)")
-    print(f"published DuckDB file: {db_mb:.1f} MB")
+    print(f"lake (catalog and Parquet files): {db_mb:.1f} MB")
     assert best_pipe["members"] == members, "import lost members"
 
 

@@ -1,6 +1,7 @@
 """Benchmark: tagging activities with their actors' groups in DuckDB, vs a bare join and pandas.
 
-Builds a real lake file (the pipeline's schema) in a temp dir with SQL only: --accounts
+Builds a real lake (the pipeline's store: DuckLake, SQLite catalog, Parquet files; its schema) in
+a temp dir with SQL only: --accounts
 accounts on two connections, 200 groups (131 + 67 imported at different times, some before and
 some during the month, plus 2 automatic ones created mid-month whose memberships start earlier,
 so the imported_at rule matters), --intervals membership intervals (several groups per person,
@@ -9,10 +10,10 @@ over 30 days (skewed actors, 2 % with a NULL actor, 3 % by accounts with no memb
 Sync commits (interval ends, imports) fall on whole hours + 7 s and activities on whole seconds,
 so the half-open bounds are hit exactly.
 
-Then, in one process, with the settings the pipeline uses (duckdb.connect defaults) unless said:
+Then, in one process, with the settings the pipeline uses (Lake.connect defaults) unless said:
 
   (a) tag_new_activities(conn) on every activity, in a transaction, then COMMIT (writes included),
-      and the CHECKPOINT the pipeline's close does after it (reported apart);
+      and the flush of inlined data the daily maintenance does after it (reported apart);
   (b) the bare join: the same join only counted (SELECT count(*) FROM (...)): the floor;
   (c) pandas on a --sample of activities and their actors' intervals: merge on the actor, then
       the interval and imported_at tests as boolean masks (the fastest exact pandas approach
@@ -61,8 +62,8 @@ from typing import Any
 
 import duckdb
 
+from groupsync_pipeline.storage.lake import LAKE_DIR, Lake
 from groupsync_pipeline.storage.tagging import _TAG_SQL, tag_new_activities
-from groupsync_pipeline.storage.lake import WAREHOUSE_FILE, schema_sql
 
 W0 = "TIMESTAMPTZ '2026-10-01 00:00:00+00'"  # the month of activity starts here (30 days)
 DAYS = 30
@@ -111,14 +112,17 @@ SELECT g AS group_no,
 FROM range({CONTOSO_GROUPS + FABRIKAM_GROUPS}) AS t(g);
 
 INSERT INTO user_groups (group_id, name, type, connection, remote_group_id, imported_at,
-                         last_synced_at, member_count, deleted_at)
+                         last_synced_at, member_count, deleted_at, group_key)
 SELECT connection || ':' || guid('group' || group_no), 'Group ' || group_no, 'imported',
-       connection, guid('group' || group_no), imported_at, w0() + INTERVAL 31 DAY, 0, NULL
+       connection, guid('group' || group_no), imported_at, w0() + INTERVAL 31 DAY, 0, NULL,
+       group_no + 1
 FROM grp
 UNION ALL SELECT 'auto:guests', 'All guests', 'automatic', NULL, NULL,
-                 sync_time(w0() + INTERVAL 10 DAY), w0() + INTERVAL 31 DAY, 0, NULL
+                 sync_time(w0() + INTERVAL 10 DAY), w0() + INTERVAL 31 DAY, 0, NULL,
+                 {CONTOSO_GROUPS + FABRIKAM_GROUPS + 1}
 UNION ALL SELECT 'auto:new-joiners', 'New joiners (90 days)', 'automatic', NULL, NULL,
-                 sync_time(w0() + INTERVAL 20 DAY), w0() + INTERVAL 31 DAY, 0, NULL;
+                 sync_time(w0() + INTERVAL 20 DAY), w0() + INTERVAL 31 DAY, 0, NULL,
+                 {CONTOSO_GROUPS + FABRIKAM_GROUPS + 2};
 """
 
 # Pairs (account, group): k groups per account (mean --groups-per-account, skewed), distinct by
@@ -245,8 +249,8 @@ def add_activities(
 
 
 def build(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    conn = duckdb.connect(str(path))
-    conn.execute(schema_sql())
+    Lake(path).ensure_ready()  # the pipeline's schema
+    conn = connect(path, {})
     script(conn, MACROS)
     script(conn, ACCOUNTS, {"accounts": args.accounts})
     script(conn, GROUPS)
@@ -259,7 +263,6 @@ def build(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         UPDATE user_groups SET member_count = c FROM (
             SELECT group_id, count(*) AS c FROM group_memberships WHERE valid_to IS NULL
             GROUP BY group_id) AS m WHERE m.group_id = user_groups.group_id""")
-    conn.execute("CHECKPOINT")
     stats = conn.execute("""
         SELECT (SELECT count(*) FROM group_memberships),
                (SELECT count(*) FROM group_memberships WHERE valid_to IS NULL),
@@ -358,23 +361,23 @@ def measure(
 
 
 def connect(path: Path, settings: dict[str, Any]) -> duckdb.DuckDBPyConnection:
-    conn = duckdb.connect(str(path))
+    """A connection to the lake of data dir ``path`` (``USE lake``), as the pipeline opens it."""
+    conn = Lake(path).connect()
+    conn.execute("SET enable_progress_bar = false")
     for key, value in settings.items():
         conn.execute(f"SET {key} = '{value}'")
     return conn
 
 
 def reset_tags(path: Path) -> None:
-    conn = duckdb.connect(str(path))
-    conn.execute("DROP TABLE _activity_group_keys")
+    conn = connect(path, {})
+    conn.execute("DELETE FROM _activity_group_keys")
     conn.execute("DELETE FROM _tagging_state")
-    conn.execute(schema_sql())
-    conn.execute("CHECKPOINT")
     conn.close()
 
 
-# The same SELECT as the pipeline's INSERT, only counted.
-BARE_SQL = "SELECT count(*) FROM (SELECT" + _TAG_SQL.split("SELECT", 1)[1] + ")"
+# The same query as the pipeline's INSERT (everything after its INSERT line), only counted.
+BARE_SQL = "SELECT count(*) FROM (" + _TAG_SQL.strip().split("\n", 1)[1] + ")"
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # every activity: the batch's own bounds
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -388,7 +391,7 @@ def tag(conn: duckdb.DuckDBPyConnection) -> tuple[int, int]:
 
 
 def tagging_phase(path: Path, label: str, settings: dict[str, Any]) -> tuple[Phase, Phase]:
-    """(tag + COMMIT, then the CHECKPOINT a closing pipeline connection does), one connection."""
+    """(tag + COMMIT, then the maintenance's flush of inlined data), one connection."""
     conn = connect(path, settings)
 
     def work() -> tuple[int, int, str]:
@@ -397,10 +400,10 @@ def tagging_phase(path: Path, label: str, settings: dict[str, Any]) -> tuple[Pha
     tagged = measure(label, work, conn)
 
     def checkpoint() -> tuple[int, int, str]:
-        conn.execute("CHECKPOINT")
+        conn.execute("CALL ducklake_flush_inlined_data('lake')")
         return tagged.activities, tagged.tags, "after the commit"
 
-    ckpt = measure(f"{label}: CHECKPOINT", checkpoint, conn)
+    ckpt = measure(f"{label}: flush", checkpoint, conn)
     count, digest = conn.execute(
         "SELECT count(*), sum(hash(activity_id, group_id)) FROM activity_groups"
     ).fetchall()[0]
@@ -424,7 +427,7 @@ def bare_phase(path: Path, label: str, settings: dict[str, Any], n: int) -> Phas
 
 def pandas_phase(path: Path, sample_every: int) -> tuple[Phase, int, int, list[str]]:
     """Tag a hash sample of activities in pandas; compare with what DuckDB wrote for them."""
-    conn = duckdb.connect(str(path))
+    conn = connect(path, {})
     conn.execute(
         "CREATE TEMP TABLE sample AS SELECT activity_id, connection, actor_account_id, "
         "occurred_at FROM activities WHERE hash(activity_id, 99) % $k = 0",
@@ -480,13 +483,12 @@ DIGEST_SQL = "SELECT count(*), sum(hash(activity_id, group_id)) FROM {}"
 def incremental_phases(path: Path, args: argparse.Namespace) -> tuple[list[Phase], list[str]]:
     """Add --incremental activities, then tag them (best of --repeat; each run's tags are
     deleted before the next, and every run must write the same tags)."""
-    conn = duckdb.connect(str(path))
+    conn = connect(path, {})
     script(conn, MACROS)
     script(conn, ACCOUNTS.split("INSERT INTO accounts")[0], {"accounts": args.accounts})
     first = conn.execute("SELECT max(activity_id) + 1 FROM activities").fetchall()[0][0]
     end = f"({W0} + INTERVAL {DAYS} DAY)"
     add_activities(conn, first, args.incremental, args.accounts, end, 3600.0)
-    conn.execute("CHECKPOINT")
     after = first - 1
     label = "(d) incremental, tag_new_activities"
     runs: list[Phase] = []
@@ -509,6 +511,11 @@ def incremental_phases(path: Path, args: argparse.Namespace) -> tuple[list[Phase
         best.note += "; best of " + ", ".join(f"{p.seconds:.3f}" for p in runs)
     problems = [] if len(digests) == 1 else [f"(d) runs wrote different tags: {digests}"]
     return [best], problems
+
+
+def lake_mb(path: Path) -> float:
+    """Every file of the lake (catalog and Parquet data), in MB."""
+    return sum(f.stat().st_size for f in (path / LAKE_DIR).rglob("*") if f.is_file()) / 2**20
 
 
 def fmt_mb(mb: float | None) -> str:
@@ -541,7 +548,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (shared machine)"
     )
     tmp = tempfile.TemporaryDirectory(prefix="bench-tagging-")
-    path = Path(tmp.name) / WAREHOUSE_FILE
+    path = Path(tmp.name) / "data"
     problems: list[str] = []
     try:
         reset_peak()
@@ -550,7 +557,7 @@ def main() -> None:
         build_seconds, build_rss = time.perf_counter() - started, vm_hwm_mb()
         print(
             f"built in {build_seconds:.1f} s "
-            f"({path.stat().st_size / 2**20:,.0f} MB file): {stats['intervals']:,} intervals "
+            f"({lake_mb(path):,.0f} MB lake): {stats['intervals']:,} intervals "
             f"({stats['open']:,} open) of {stats['members']:,} accounts; {stats['activities']:,}"
             f" activities by {stats['actors']:,} actors (busiest {stats['top_actor']:,}, "
             f"{stats['null_actor']:,} with NULL actor); {stats['before_import']:,} intervals "
@@ -640,7 +647,7 @@ def main() -> None:
         ("DuckDB / pandas activities per s >= 10", ratio_pandas, ratio_pandas >= 10),
         ("peak RSS of every phase (VmHWM) < 4096 MB", peak, peak < 4096),
     ]
-    print(f"(with the CHECKPOINT after the commit: {ratio_bare_ckpt:.2f}x the bare join)")
+    print(f"(with the flush of inlined data after it: {ratio_bare_ckpt:.2f}x the bare join)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"DuckDB's own peak (duckdb_memory, polled): {duck_peak:,.0f} MB")
     for text, value, ok in goals:

@@ -220,18 +220,19 @@ def ingest_connection(
         if outcome.skipped:
             log(f"{connection.name}: {outcome.skipped} events without an id or time were skipped")
         outcome.pages = staging.pages
-        with lake.write() as conn:
-            outcome.merge = merge_activities(
-                conn,
-                connection=connection,
-                staging=staging,
-                reads=reads,
-                verified_domains=domains,
-                admins=admins,
-                now=now(),
-                errors=outcome.errors,
-                actor_lookup=actor_lookup,
-            )
+        for attempt in lake.retrying():  # a commit the catalog refused runs again
+            with attempt, lake.write() as conn:
+                outcome.merge = merge_activities(
+                    conn,
+                    connection=connection,
+                    staging=staging,
+                    reads=reads,
+                    verified_domains=domains,
+                    admins=admins,
+                    now=now(),
+                    errors=outcome.errors,
+                    actor_lookup=actor_lookup,
+                )
     finally:
         staging.remove()
     outcome.duration_seconds = time.monotonic() - started

@@ -50,7 +50,7 @@ def open_analyst_data(
             "imported into this data directory; check --data-dir or $GROUPSYNC_DATA_DIR)"
         )
     try:
-        conn = lake.connect(read_only=True)
+        conn = lake.connect(read_only=True, shared=False)  # its settings get locked down
     except duckdb.Error as exc:
         raise AnalystDataError(
             f"cannot open {lake.settings.describe()} read-only ({exc})"

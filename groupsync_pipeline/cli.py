@@ -72,6 +72,9 @@ def _sqlite_path(exc: BaseException) -> str:
     return "the control store"
 
 
+_FULL_DISK = re.compile(r"database or disk is full|No space left on device")
+
+
 def storage_failure(exc: BaseException) -> str | None:
     """``<path>: <cause>`` for a file system or database file failure, else None."""
     if type(exc).__module__.startswith("pandas"):
@@ -99,6 +102,9 @@ def storage_failure(exc: BaseException) -> str | None:
     lake = sys.modules.get("groupsync_pipeline.storage.lake")
     if lake is not None and isinstance(exc, lake.LakeConfigError | lake.LakeBusyError):
         return str(exc)
+    if duckdb is not None and isinstance(exc, duckdb.Error) and _FULL_DISK.search(str(exc)):
+        # The lake's catalog or data files: DuckDB nests the SQLite error in its own words.
+        return f"the lake: {_FULL_DISK.search(str(exc))[0]}"
     return None
 
 
@@ -766,3 +772,41 @@ def dagster_home_command(data_dir: Path | None) -> None:
     from groupsync_pipeline.dagster_home import prepare_dagster_home
 
     click.echo(str(prepare_dagster_home(data_dir)))
+
+
+@main.command("migrate")
+@click.option(
+    "--from",
+    "export_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The folder EXPORT DATABASE (FORMAT parquet) wrote from the 0.x warehouse.duckdb.",
+)
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The previous data directory's control.sqlite3 (default: EXPORT_DIR/control.sqlite3 "
+    "if there, else the data directory's own, for an upgrade in place).",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace what the lake holds already (default: refuse a lake that holds data).",
+)
+@_DATA_DIR_OPTION
+def migrate_command(
+    export_dir: Path, control: Path | None, replace: bool, data_dir: Path | None
+) -> None:
+    """Move a 0.x warehouse (exported) and its control store into the lake, in one
+    transaction: all of it or nothing."""
+    from groupsync_pipeline.config import data_dir as configured_data_dir
+    from groupsync_pipeline.storage.lake import Lake, LakeConfigError
+    from groupsync_pipeline.storage.migrate import MigrationError, migrate
+
+    try:
+        lake = Lake(configured_data_dir(data_dir))
+        migrate(lake, export_dir, control=control, replace=replace,
+                progress=lambda line: click.echo(for_terminal(line)))  # fmt: skip
+    except (MigrationError, LakeConfigError) as exc:
+        raise click.ClickException(str(exc)) from None

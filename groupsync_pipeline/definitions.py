@@ -18,6 +18,7 @@ from groupsync_pipeline.defs.jobs import (
     refresh_group_catalogs,
     sync_group_memberships,
 )
+from groupsync_pipeline.defs.maintenance import lake_maintenance, lake_maintenance_schedule
 from groupsync_pipeline.defs.resources import ConnectionsResource, LakeResource
 from groupsync_pipeline.defs.schedules import activities_schedule, membership_sync_schedule
 from groupsync_pipeline.defs.sensors import import_request_sensor
@@ -30,8 +31,14 @@ defs = dg.Definitions(
         no_held_shrinks,
         audit_logs_read,
     ],
-    jobs=[import_user_group, refresh_group_catalogs, sync_group_memberships, ingest_activities],
-    schedules=[membership_sync_schedule, activities_schedule],
+    jobs=[
+        import_user_group,
+        refresh_group_catalogs,
+        sync_group_memberships,
+        ingest_activities,
+        lake_maintenance,
+    ],
+    schedules=[membership_sync_schedule, activities_schedule, lake_maintenance_schedule],
     sensors=[import_request_sensor],
     resources={"connections": ConnectionsResource(), "lake": LakeResource()},
 )

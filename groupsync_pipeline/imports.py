@@ -78,18 +78,19 @@ def import_group_members(
                 f"{group.member_count}; nothing was changed"
             )
         preview = staging.preview()
-        with lake.write() as conn:
-            # One duration for the run's metadata, the request, its email and group_syncs.
-            duration = time.monotonic() - started
-            result = merge_group_members(
-                conn,
-                connection=connection,
-                group=group,
-                staging=staging,
-                run_id=run_id,
-                duration_seconds=duration,
-                now=datetime.now(UTC),
-            )
+        for attempt in lake.retrying():  # a commit the catalog refused runs again
+            with attempt, lake.write() as conn:
+                # One duration for the run's metadata, the request, its email and group_syncs.
+                duration = time.monotonic() - started
+                result = merge_group_members(
+                    conn,
+                    connection=connection,
+                    group=group,
+                    staging=staging,
+                    run_id=run_id,
+                    duration_seconds=duration,
+                    now=datetime.now(UTC),
+                )
         outcome = ImportOutcome(
             connection=connection.name,
             group=group,
@@ -125,8 +126,9 @@ def refresh_group_catalog(
         groups = list(connector.group_catalog())
     now = datetime.now(UTC)
     frame = catalog_frame(connection, groups, now)
-    with lake.write() as conn:
-        replace_catalog(conn, connection, frame, now)
+    for attempt in lake.retrying():  # a commit the catalog refused runs again
+        with attempt, lake.write() as conn:
+            replace_catalog(conn, connection, frame, now)
     outcome = CatalogOutcome(
         connection=connection.name,
         groups=len(groups),

@@ -198,22 +198,23 @@ def sync_connection(
                     )
         outcome.pages = staging.pages
         outcome.changed_groups = staging.objects
-        with lake.write() as conn:
-            result: RoundResult = apply_round(
-                conn,
-                staging=staging,
-                connection=connection,
-                full=full,
-                full_reason=reason,
-                delta_link=_stored_link(new_link, graph_url),
-                api_root=root,
-                pages=staging.pages,
-                run_id=run_id,
-                duration_seconds=time.monotonic() - started,
-                now=datetime.now(UTC),
-                policy=policy,
-                confirmations=control.shrink_confirmations(),
-            )
+        for attempt in lake.retrying():  # a commit the catalog refused runs again
+            with attempt, lake.write() as conn:
+                result: RoundResult = apply_round(
+                    conn,
+                    staging=staging,
+                    connection=connection,
+                    full=full,
+                    full_reason=reason,
+                    delta_link=_stored_link(new_link, graph_url),
+                    api_root=root,
+                    pages=staging.pages,
+                    run_id=run_id,
+                    duration_seconds=time.monotonic() - started,
+                    now=datetime.now(UTC),
+                    policy=policy,
+                    confirmations=control.shrink_confirmations(),
+                )
     finally:
         staging.remove()
     outcome.full_reason = reason

@@ -45,7 +45,7 @@ End each statement with ';' (it may span lines). Results show as a table; the ta
 views are described in the README ("Tables and views").
   .tables            list the tables and views
   .format FORMAT     table, csv or json
-  .reload            reopen the data to see what the pipeline published since
+  .reload            reopen the lake (each query already reads its latest commit)
   .help              this text
   .quit              leave (also .exit or Ctrl-D)"""
 
@@ -250,7 +250,7 @@ class Shell:
         return self.errors
 
     def _open(self) -> None:
-        # A new session sees the latest published data; an old one keeps the snapshot it had.
+        # A fresh session on the lake (each statement reads the latest committed snapshot).
         opened = self._sessions.enter_context(open_analyst_data(self.data_dir))
         if self.conn is not None:
             self.conn.close()

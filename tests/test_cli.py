@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 from click.testing import CliRunner
 
 from groupsync_pipeline.cli import main
 from groupsync_pipeline.config import load_connections
 from groupsync_pipeline.connected_apps import open_connector
+from groupsync_pipeline.storage.lake import Lake
 
 
 def test_demo_imports_sandbox_groups_and_prints_queries(
@@ -35,7 +35,7 @@ def test_demo_imports_sandbox_groups_and_prints_queries(
     assert "After 3 hours of tenant changes: delta sync, 1 Graph request:" in result.output
     assert result.output.count("SELECT ") >= 8
     assert "Alert emails sent: 3" in result.output
-    conn = duckdb.connect(str(data / "groupsync.duckdb"), read_only=True)
+    conn = Lake(data).connect(read_only=True)
     try:
         names = conn.execute("SELECT name FROM user_groups ORDER BY name").fetchall()
         # The sandbox's own stream may raise more alerts in the same seconds: count per policy.

@@ -57,8 +57,9 @@ def test_full_disk_under_the_control_store_is_one_line(tmp_path: Path) -> None:
     assert done.stderr == f"error: {tmp_path / 'control.sqlite3'}: database or disk is full\n"
 
 
-def test_full_disk_under_the_warehouse_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "lake.duckdb").symlink_to(FULL)
+def test_full_disk_under_the_lake_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "catalog.sqlite").symlink_to(FULL)
     done = groupsync("confirm-shrink", "HR", "--data-dir", str(tmp_path))
     assert done.returncode == 1
-    assert done.stderr == "error: /dev/full: No space left on device (could not write file)\n"
+    assert done.stderr == "error: the lake: database or disk is full\n"

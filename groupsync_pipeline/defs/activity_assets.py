@@ -130,8 +130,9 @@ def alerts(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Material
     except ConfigError as exc:
         raise dg.Failure(description=str(exc)) from None
     store = lake.get()
-    with store.write() as conn:
-        result = evaluate_policies(conn, policies, datetime.now(UTC))
+    for attempt in store.retrying():  # a commit the catalog refused runs again
+        with attempt, store.write() as conn:
+            result = evaluate_policies(conn, policies, datetime.now(UTC))
     for warning in result.warnings:
         context.log.warning(warning)
     for outcome in result.outcomes:
@@ -140,8 +141,8 @@ def alerts(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Material
             f"activities, {outcome.matches} matches, {outcome.alerts_raised} alerts"
         )
     # Emails go out after the alerts are committed, in their own short transaction: an email
-    # never describes alerts that a rollback took back. Every write republishes the whole
-    # snapshot, so none is opened when no policy has an alert waiting for its email.
+    # never describes alerts that a rollback took back. None is opened when no policy has an
+    # alert waiting for its email (each write is a catalog snapshot).
     notifying = [policy.name for policy in policies if policy.notify]
     with store.read() as conn:
         waiting = conn.execute(

@@ -259,8 +259,7 @@ def merge_activities(
 
     quoted = str(staging.path).replace("'", "''")
     conn.execute(f"ATTACH '{quoted}' AS activity_staging (READ_ONLY)")
-    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
-    # write's connection closes after COMMIT, which detaches it.
+    # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
     # One row per event: a window can hand the same event over twice.
     conn.execute(
         f"CREATE OR REPLACE TEMP TABLE incoming_activities AS "

@@ -344,8 +344,7 @@ def apply_round(
     name = connection.name
     record_connection(conn, connection, now)
     conn.execute(f"ATTACH '{_quoted(staging.path)}' AS stage (READ_ONLY)")
-    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
-    # write's connection closes after COMMIT, which detaches it.
+    # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
     result = _apply(conn, name, full, mode, now, policy, confirmations, run_id)
     _record_syncs(conn, result, now, run_id, pages, duration_seconds, mode)
     conn.execute("DELETE FROM _remote_direct_members WHERE connection = ?", [name])

@@ -187,8 +187,7 @@ def merge_group_members(
     record_connection(conn, connection, now)
     quoted = str(staging.path).replace("'", "''")
     conn.execute(f"ATTACH '{quoted}' AS staging (READ_ONLY)")
-    # Not detached here: DuckDB refuses to DETACH inside the transaction that read it; the
-    # write's connection closes after COMMIT, which detaches it.
+    # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
     conn.execute("CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM staging.staged_accounts")
     rows, distinct = conn.execute(
         "SELECT count(*), count(DISTINCT account_id) FROM incoming"
