@@ -30,9 +30,9 @@ from moto.server import ThreadedMotoServer
 
 from groupsync_pipeline.dagster_home import open_dagster_instance
 from groupsync_pipeline.definitions import defs
+from groupsync_pipeline.defs.resources import LakeResource
 from groupsync_pipeline.sandbox.graph import GraphSandbox
 from groupsync_pipeline.sandbox.seed import build_organisation
-from groupsync_pipeline.storage.lake import Lake
 from tests.conftest import SECRET_ENV, write_connections
 from tests.pipeline_helpers import failure_message, import_group, query, run_job
 from tests.postgres_server import PostgresServer, postgres_server
@@ -210,7 +210,11 @@ def tenant(monkeypatch: pytest.MonkeyPatch) -> Iterator[GraphSandbox]:
 
 
 def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
-    deployment: Deployment, tenant: GraphSandbox, s3: S3Server, tmp_path: Path
+    deployment: Deployment,
+    tenant: GraphSandbox,
+    s3: S3Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     connections = write_connections(tmp_path / "connections.yaml", tenant)
     data_dir = deployment.data_dir
@@ -272,19 +276,29 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
     assert catalog == [[f"s3://{BUCKET}/{deployment.prefix}"]]
     assert any(key.endswith(".parquet") for key in s3.keys(deployment.prefix))
     assert not list(data_dir.rglob("*.parquet"))
-    # DuckLake's maintenance on PostgreSQL and S3 changes no answer.
+    # The daily maintenance job, keeping no old snapshot and no unused file: on PostgreSQL and
+    # S3 it flushes and compacts, deletes what nothing needs from the bucket, changes no answer.
     answers = [query(data_dir, sql) for sql in STABLE_QUERIES]
-    lake = Lake(data_dir)
-    with lake.writer_lock():
-        conn = lake.connect()
-        try:
-            for call in MAINTENANCE:
-                conn.execute(call).fetchall()
-        finally:
-            conn.close()
+    monkeypatch.setenv("GROUPSYNC_LAKE_SNAPSHOT_RETENTION_DAYS", "0")
+    monkeypatch.setenv("GROUPSYNC_LAKE_FILE_GRACE_HOURS", "0")
+    maintained = []
+    with open_dagster_instance() as instance:
+        for _day in range(2):  # files a run retires are deleted by the next one
+            run = defs.resolve_job_def("lake_maintenance").execute_in_process(
+                instance=instance, resources={"lake": LakeResource(data_dir=str(data_dir))}
+            )
+            assert run.success, failure_message(run)
+            (output,) = [e for e in run.all_node_events if e.event_type_value == "STEP_OUTPUT"]
+            figures = {k: v.value for k, v in output.step_output_data.metadata.items()}
+            # What the catalog in PostgreSQL counts is what the bucket holds.
+            parquet = [key for key in s3.keys(deployment.prefix) if key.endswith(".parquet")]
+            assert len(parquet) == figures["after: stored_files"], figures
+            maintained.append((run.run_id, figures))
+    (first_run, first), (second_run, second) = maintained
+    assert first["after: inlined_rows"] == 0 and first["flush inlined data: rows flushed"] > 0
+    assert first["merge adjacent files: files merged"] > 0
+    assert second["cleanup old files: files deleted"] > 0
     assert [query(data_dir, sql) for sql in STABLE_QUERIES] == answers
-    files = deployment.postgres.psql(deployment.lake_db, "SELECT count(*) FROM ducklake_data_file")
-    assert int(files[0][0]) <= len(s3.keys(deployment.prefix))
 
     # Dagster's runs and their event logs are in PostgreSQL.
     stored = runs(deployment)
@@ -292,8 +306,10 @@ def test_import_sync_and_ingest_through_dagster_on_postgres_and_s3(
         imported.run_id: ("import_user_group", "SUCCESS"),
         synced.run_id: ("sync_group_memberships", "SUCCESS"),
         ingested.run_id: ("ingest_activities", "SUCCESS"),
+        first_run: ("lake_maintenance", "SUCCESS"),
+        second_run: ("lake_maintenance", "SUCCESS"),
     }
-    for run_id in stored:
+    for run_id in (imported.run_id, synced.run_id, ingested.run_id):
         events = event_counts(deployment, run_id)
         # RUN_SUCCESS is stored under its old name.
         assert events["PIPELINE_SUCCESS"] == 1 and events["ASSET_MATERIALIZATION"] >= 1, events
@@ -310,12 +326,6 @@ STABLE_QUERIES = (
     "SELECT * FROM group_memberships ORDER BY ALL",
     "SELECT * FROM accounts ORDER BY ALL",
     "SELECT event_id, groups FROM activities_tagged ORDER BY ALL",
-)
-MAINTENANCE = (
-    "CALL ducklake_flush_inlined_data('lake')",
-    "CALL ducklake_merge_adjacent_files('lake')",
-    "CALL ducklake_expire_snapshots('lake', older_than => now())",
-    "CALL ducklake_cleanup_old_files('lake', cleanup_all => true)",
 )
 
 IMPORT_IN_A_PROCESS = """
