@@ -373,6 +373,7 @@ class Lake:
     def _postgres_lock(self) -> Iterator[None]:
         try:
             import psycopg2  # comes with dagster-postgres: the scale-out extra
+            import psycopg2.errors
         except ImportError:
             raise LakeConfigError(
                 "a PostgreSQL catalog needs psycopg2: pip install 'groupsync[postgres]'"
@@ -381,12 +382,16 @@ class Lake:
         try:
             pg.autocommit = True
             with pg.cursor() as cursor:
-
-                def attempt() -> bool:
-                    cursor.execute("SELECT pg_try_advisory_lock(%s)", [_PG_WRITER_LOCK_KEY])
-                    return bool(cursor.fetchone()[0])
-
-                self._wait(attempt)
+                # Waiting in PostgreSQL's lock queue (first come, first served), not polling:
+                # a writer in a loop must not take the lock again ahead of one that waits.
+                cursor.execute("SET lock_timeout = %s", [f"{int(self.lock_timeout * 1000)}ms"])
+                try:
+                    cursor.execute("SELECT pg_advisory_lock(%s)", [_PG_WRITER_LOCK_KEY])
+                except psycopg2.errors.LockNotAvailable:
+                    raise LakeBusyError(
+                        f"another groupsync process held the lake's writer lock for more than "
+                        f"{self.lock_timeout:.0f} s ({self.settings.describe()})"
+                    ) from None
                 try:
                     yield
                 finally:
