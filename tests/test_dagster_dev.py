@@ -137,6 +137,7 @@ def test_launchpad_run_and_requested_import_through_the_webserver_and_daemon(
             "import_request_sensor": ("groupsync", "RUNNING"),
             "membership_sync_schedule": ("groupsync", "RUNNING"),
             "activities_schedule": ("groupsync", "RUNNING"),
+            "lake_maintenance_schedule": ("groupsync", "RUNNING"),
         }
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         assert client.get_run_status(earlier.run_id).value == "SUCCESS"
