@@ -26,11 +26,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import duckdb
 import tenacity
@@ -399,9 +400,9 @@ class Lake:
         finally:
             pg.close()  # ends the session, which releases the lock in any case
 
-    def _wait(self, try_lock: object) -> None:
+    def _wait(self, try_lock: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.lock_timeout
-        while not try_lock():  # type: ignore[operator]
+        while not try_lock():
             if time.monotonic() > deadline:
                 raise LakeBusyError(
                     f"another groupsync process held the lake's writer lock for more than "
@@ -527,9 +528,9 @@ def _use_write_ahead_log(catalog: Path) -> None:
     _WAL_CATALOGS.add(catalog)
 
 
-def _try_flock(handle: object) -> bool:
+def _try_flock(handle: IO[str]) -> bool:
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
