@@ -71,6 +71,14 @@ def stop_dagster(server: subprocess.Popen[str]) -> None:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
+    # Its daemon, webserver and code server share its process group and can outlive it by a
+    # moment, still writing to the Dagster home that is removed next.
+    for attempt in range(300):
+        try:
+            os.killpg(server.pid, signal.SIGKILL if attempt == 250 else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def measure(requests: int, workdir: Path) -> list[float]:
