@@ -50,6 +50,7 @@ from typing import Any
 
 import duckdb
 
+from groupsync_pipeline.storage.activity_writes import remember_sign_in_names
 from groupsync_pipeline.storage.lake import LAKE_DIR, Lake
 from groupsync_pipeline.storage.tagging import tag_new_activities
 
@@ -153,6 +154,11 @@ class Grower:
                         "step_us": self.plan.step_us,
                         "accounts": self.plan.accounts,
                     },
+                )
+                remember_sign_in_names(
+                    conn,
+                    "(SELECT * FROM activities WHERE activity_id >= $first_id)",
+                    {"first_id": first_id},
                 )
                 tag_new_activities(conn)
             self.next_seq += n

@@ -78,6 +78,7 @@ import pandas as pd
 import yaml
 
 from groupsync_pipeline.config import ConfigError, check_email_address
+from groupsync_pipeline.storage.tagging import tagged_through
 from groupsync_pipeline.yaml_located import Located, LocatedLoader, yaml_error_text
 
 POLICIES_ENV = "GROUPSYNC_POLICIES"
@@ -499,11 +500,7 @@ def evaluate_policies(
         # The name keys _policy_state: two policies sharing one would overwrite each other.
         raise ValueError(f"policy names must be unique: {sorted(names)}")
     # Only tagged activities: evaluating an untagged one would miss its groups for good.
-    head = conn.execute(
-        "SELECT least(coalesce((SELECT max(activity_id) FROM activities), 0),"
-        " coalesce((SELECT max(tagged_through) FROM _tagging_state), 0))"
-    ).fetchall()[0][0]
-    head = int(head)
+    head = tagged_through(conn)
     states = {
         row[0]: (int(row[1]), row[2])
         for row in conn.execute(

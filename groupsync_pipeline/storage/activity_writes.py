@@ -25,7 +25,7 @@ import pandas as pd
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
 from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
-from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities
+from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities, tagged_through
 from groupsync_pipeline.storage.writes import (
     NEXT_GROUP_KEY,
     record_connection,
@@ -305,17 +305,26 @@ def merge_activities(
         result.new = conn.execute(
             """
             INSERT INTO activities BY NAME
-            SELECT coalesce((SELECT max(activity_id) FROM activities), 0)
-                       + row_number() OVER (ORDER BY occurred_at, source, event_id)
+            SELECT $last_id + row_number() OVER (ORDER BY occurred_at, source, event_id)
                        AS activity_id,
                    $connection AS connection, $app AS app, source, event_id, occurred_at,
                    actor_account_id, actor_email, actor_type, action, object_name, object_id,
                    ip_address, country, city, user_agent, success, raw, $now AS ingested_at
             FROM incoming_activities
             """,
-            {"connection": connection.name, "app": connection.app, "now": now},
+            {
+                "connection": connection.name,
+                "app": connection.app,
+                "now": now,
+                "last_id": last_activity_id(conn),
+            },
         ).fetchall()[0][0]
         _refuse_repeats(conn, connection.name, earliest)
+        remember_sign_in_names(
+            conn,
+            "(SELECT $connection AS connection, * FROM incoming_activities)",
+            {"connection": connection.name},
+        )
         result.new_by_source = dict(
             conn.execute(
                 "SELECT source, count(*) FROM incoming_activities GROUP BY source"
@@ -389,13 +398,25 @@ def merge_activities(
     return result
 
 
+def last_activity_id(conn: duckdb.DuckDBPyConnection) -> int:
+    """The highest activity id ever given. Every merge tags what it stores, so it is at least
+    ``tagged_through``: the scan reads only the files above it (their id statistics), not the
+    whole table, and ids are never given twice even after retention deleted the newest."""
+    after = tagged_through(conn)
+    row = conn.execute(
+        "SELECT max(activity_id) FROM activities WHERE activity_id >= $after", {"after": after}
+    ).fetchall()[0]
+    return max(int(row[0] or 0), after)
+
+
 # Accounts groupsync made for outside people seen only in audit logs (no directory account).
 _MADE_UP = "(user_type = 'External' AND user_principal_name IS NULL)"
 # Who a lower-case sign-in name (or email) in the table ``wanted`` is, best first: 1 an
 # account's sign-in name, 2 its email, (3: a pairing of name and id in the batch itself), 4 the
 # id the app paired with that name in a stored sign-in of the last 30 days (Graph's own
-# retention), 5 an account made for an outside person. A guest's sign-in name (#EXT#) always
-# belongs to a directory account: an account an older release made up for one is not used.
+# retention; kept in _sign_in_names), 5 an account made for an outside person. A guest's
+# sign-in name (#EXT#) always belongs to a directory account: an account an older release
+# made up for one is not used.
 _KNOWN_NAMES = f"""
     SELECT lower(user_principal_name) AS name, account_id, 1 AS rank FROM accounts
     WHERE connection = $connection AND user_principal_name IS NOT NULL
@@ -406,12 +427,38 @@ _KNOWN_NAMES = f"""
       AND lower(email) IN (SELECT name FROM wanted)
       AND NOT ({_MADE_UP} AND contains(lower(email), '#ext#'))
     UNION ALL
-    SELECT lower(actor_email), actor_account_id, 4 FROM activities
-    WHERE connection = $connection AND source = 'signIns' AND occurred_at >= $since
-      AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
-      AND lower(actor_email) IN (SELECT name FROM wanted)
+    SELECT name, account_id, 4 FROM _sign_in_names
+    WHERE connection = $connection AND last_signed_in_at >= $since
+      AND name IN (SELECT name FROM wanted)
 """
 SIGN_IN_PAIRING_WINDOW = timedelta(days=30)
+SIGN_IN_SOURCE = "signIns"  # the log whose events pair a sign-in name with the account id
+
+
+def remember_sign_in_names(
+    conn: duckdb.DuckDBPyConnection, events: str, params: dict[str, object] | None = None
+) -> None:
+    """Record in ``_sign_in_names`` the (name, account) pairs of the sign-ins in ``events``
+    (a relation with the columns of activities, connection included)."""
+    conn.execute(
+        f"""
+        MERGE INTO _sign_in_names AS s
+        USING (
+            SELECT connection, lower(actor_email) AS name, actor_account_id AS account_id,
+                   max(occurred_at) AS last_signed_in_at
+            FROM {events}
+            WHERE source = '{SIGN_IN_SOURCE}'
+              AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+            GROUP BY ALL
+        ) AS n
+        ON s.connection = n.connection AND s.name = n.name AND s.account_id = n.account_id
+        WHEN MATCHED AND n.last_signed_in_at > s.last_signed_in_at THEN
+            UPDATE SET last_signed_in_at = n.last_signed_in_at
+        WHEN NOT MATCHED THEN INSERT (connection, name, account_id, last_signed_in_at)
+            VALUES (n.connection, n.name, n.account_id, n.last_signed_in_at)
+        """,
+        params or {},
+    )
 
 
 def unknown_actor_names(
@@ -564,9 +611,10 @@ def _join_external(
 
 # The dedupe above expects a repeat to carry the stored event's time, so it looks back only
 # to the batch's earliest event. The key check does not rely on that: any new event whose key
-# is stored twice within this span fails the merge. The span is twice the longest retention
-# of an audit log (30 days): no app can hand over an event again after that.
-REPEAT_CHECK_SPAN = timedelta(days=60)
+# is stored twice within this span before the batch's earliest event fails the merge. The
+# span is the longest overlap of two reads (24 hours) plus a day, so its cost follows the
+# batch, not the store (60 days cost 1 s per ingest at 10 million stored, and grew with it).
+REPEAT_CHECK_SPAN = timedelta(days=2)
 
 
 def _refuse_repeats(conn: duckdb.DuckDBPyConnection, connection: str, earliest: datetime) -> None:
@@ -607,24 +655,29 @@ def _locate_from_sign_ins(
     # Only stored sign-ins from the addresses that need a place take part (a day of a tenant's
     # sign-ins is hundreds of thousands of rows), and the places are found before the UPDATE:
     # 5.5 s of a 9.6 s batch of 20,000 events at 1M stored went here before (bench/scale.py).
+    # A temp table, not a CTE, so the planner knows its size (see also asof_loop_join_threshold
+    # in lake.py).
+    conn.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE unplaced AS
+        SELECT source, event_id, ip_address, occurred_at FROM incoming_activities
+        WHERE country IS NULL AND ip_address IS NOT NULL
+        """
+    )
     conn.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE located AS
-        WITH unplaced AS MATERIALIZED (
-            SELECT source, event_id, ip_address, occurred_at FROM incoming_activities
-            WHERE country IS NULL AND ip_address IS NOT NULL
-        )
         SELECT e.source, e.event_id, s.country, s.city
         FROM unplaced AS e
         ASOF JOIN (
             SELECT ip_address, occurred_at, country, city FROM activities
-            WHERE connection = $connection AND source = 'signIns'
+            WHERE connection = $connection AND source = '{SIGN_IN_SOURCE}'
               AND country IS NOT NULL AND ip_address IS NOT NULL
               AND occurred_at >= $earliest - INTERVAL '{SIGN_IN_LOCATION_WINDOW}'
               AND ip_address IN (SELECT ip_address FROM unplaced)
             UNION ALL
             SELECT ip_address, occurred_at, country, city FROM incoming_activities
-            WHERE source = 'signIns' AND country IS NOT NULL AND ip_address IS NOT NULL
+            WHERE source = '{SIGN_IN_SOURCE}' AND country IS NOT NULL AND ip_address IS NOT NULL
         ) AS s
           ON s.ip_address = e.ip_address AND e.occurred_at >= s.occurred_at
         WHERE e.occurred_at - s.occurred_at <= INTERVAL '{SIGN_IN_LOCATION_WINDOW}'
@@ -639,6 +692,7 @@ def _locate_from_sign_ins(
         """
     ).fetchall()[0][0]
     conn.execute("DROP TABLE located")
+    conn.execute("DROP TABLE unplaced")
     return int(located)
 
 

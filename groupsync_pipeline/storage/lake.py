@@ -277,6 +277,9 @@ class Lake:
             conn.execute(f"USE {LAKE_ALIAS}")
             # Day partitions and people's output are in UTC, whatever the machine's zone.
             conn.execute("SET TimeZone = 'UTC'")
+            # An ASOF join is never run as a nested loop: DuckDB 1.5.5 chose one for 9,000
+            # events against a day of sign-ins (placing a batch took 1.5 s instead of 0.1 s).
+            conn.execute("SET GLOBAL asof_loop_join_threshold = 0")
         except BaseException:
             conn.close()
             raise

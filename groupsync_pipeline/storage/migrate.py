@@ -31,12 +31,14 @@ from pathlib import Path
 
 import duckdb
 
+from groupsync_pipeline.storage.activity_writes import remember_sign_in_names
 from groupsync_pipeline.storage.control import CONTROL_FILE, ControlStore
 from groupsync_pipeline.storage.extensions import offline_connection
 from groupsync_pipeline.storage.lake import LAKE_ALIAS, Lake
 
 # Tables of the lake that are not the previous release's: never in an export.
-LAKE_ONLY_TABLES = {"_schema_state"}
+# Tables the lake added; _sign_in_names is derived from the activities after they are loaded.
+LAKE_ONLY_TABLES = {"_schema_state", "_sign_in_names"}
 # Refreshed from the control store by every lake write (storage/control.py).
 MIRRORED_TABLES = {"import_requests"}
 # Columns the lake added, and how to fill them from the export (SQL over the export's files:
@@ -445,6 +447,9 @@ def migrate(
             loaded = _load_table(conn, export[name], lake_tables[name], export)
             report.tables[name] = loaded
             progress(f"  {name}: {loaded:,} rows ({time.monotonic() - table_started:.1f} s)")
+        if replace:
+            conn.execute("DELETE FROM _sign_in_names")
+        remember_sign_in_names(conn, "activities")
         # Last, so an error above leaves the control store untouched; the lake's
         # import_requests is refreshed from it as this transaction commits.
         _apply_control(plan)

@@ -211,6 +211,16 @@ CREATE TABLE IF NOT EXISTS activity_sources_state (
     last_error_at    TIMESTAMPTZ            -- key: (connection, source)
 );
 
+-- _sign_in_names (internal): the account each lower-case sign-in name signed in as, and when it
+-- last did (the sign-ins pair the name with the directory id). Resolving a file event's actor
+-- reads these few rows instead of 30 days of sign-ins (storage/activity_writes.py).
+CREATE TABLE IF NOT EXISTS _sign_in_names (
+    connection        VARCHAR NOT NULL,
+    name              VARCHAR NOT NULL,
+    account_id        VARCHAR NOT NULL,
+    last_signed_in_at TIMESTAMPTZ NOT NULL  -- key: (connection, name, account_id)
+);
+
 -- activity_groups: the groups each activity is tagged with. A group tags an activity when the
 -- actor was a member at occurred_at (valid_from <= occurred_at < valid_to) and the group was
 -- imported (automatic groups: created) at or before occurred_at. Written once, when the activity
