@@ -269,6 +269,46 @@ def test_file_events_find_their_actor_by_sign_in_name(lake: Lake) -> None:
     assert tags(lake)["file-1"] == ["HR"]
 
 
+def test_a_stored_sign_in_names_the_account_of_later_file_events_for_30_days(
+    lake: Lake,
+) -> None:
+    def file_event(event_id: str, at: datetime) -> Activity:
+        return event(
+            event_id,
+            at,
+            actor=None,
+            email="CAT@contoso.example",
+            source="Audit.SharePoint",
+            action="FileAccessed",
+        )
+
+    ingest(lake, [event("signin-1", T0, actor="u-cat", email="Cat@Contoso.example")], now=T0)
+    day_29, day_31 = T0 + timedelta(days=29), T0 + timedelta(days=31)
+    ingest(lake, [file_event("file-1", day_29)], now=day_29 + timedelta(minutes=5))
+    # Past Graph's 30 days of sign-ins, the pairing no longer counts...
+    ingest(lake, [file_event("file-2", day_31)], now=day_31 + timedelta(minutes=5))
+    # ...until the person signs in again.
+    again = day_31 + timedelta(hours=1)
+    ingest(lake, [event("signin-2", again, actor="u-cat", email="cat@contoso.example")], now=again)
+    ingest(lake, [file_event("file-3", again + timedelta(hours=1))], now=again + timedelta(hours=2))
+    with lake.read() as conn:
+        actors = dict(conn.execute("SELECT event_id, actor_account_id FROM activities").fetchall())
+        pairs = conn.execute(
+            "SELECT name, account_id, signed_in_on FROM _sign_in_names ORDER BY signed_in_on"
+        ).fetchall()
+    assert actors == {
+        "signin-1": "u-cat",
+        "file-1": "u-cat",
+        "file-2": None,
+        "signin-2": "u-cat",
+        "file-3": "u-cat",
+    }
+    assert pairs == [  # one row per day a sign-in paired them
+        ("cat@contoso.example", "u-cat", T0.date()),
+        ("cat@contoso.example", "u-cat", again.date()),
+    ]
+
+
 def test_external_group_starts_when_created_and_holds_outside_people(
     lake: Lake,
 ) -> None:

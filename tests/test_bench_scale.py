@@ -41,3 +41,14 @@ def test_scale_benchmark_smoke_run_prints_sane_figures() -> None:
         assert 50 < float(row[13]) < 5000  # today's file: bytes per activity
         assert float(row[14]) >= 0  # the machine's load average, to read the times by
     assert "[met] reader: 0 failed" in out
+    # The operating limits: files a day of batches adds, and one maintenance run over them.
+    files = re.search(r"files: (\d+\.\d) Parquet files per batch", out)
+    assert files and float(files.group(1)) > 0, out
+    maintenance = re.search(
+        r"maintenance at ([\d,]+) stored: (\d+\.\d) s .*; Parquet files ([\d,]+) before, "
+        r"([\d,]+) after",
+        out,
+    )
+    assert maintenance, out
+    before, after = (int(maintenance.group(n).replace(",", "")) for n in (3, 4))
+    assert 0 < after < before  # small files merged, replaced ones removed

@@ -128,6 +128,16 @@ def test_retention_deletes_whole_old_days_and_never_memberships(
             "('g', 'contoso', 'u0', $long_ago, $old), ('g', 'contoso', 'u0', $old, NULL)",
             {"long_ago": now - timedelta(days=2000), "old": old_day},
         )
+        # Sign-ins' pairings of name and account: 30 days count, older ones go.
+        conn.execute(
+            "INSERT INTO _sign_in_names VALUES ('contoso', 'ann@x', 'u0', $old), "
+            "('contoso', 'ann@x', 'u0', $first), ('contoso', 'ann@x', 'u0', $today)",
+            {
+                "old": (now - timedelta(days=31)).date(),
+                "first": (now - timedelta(days=30)).date(),
+                "today": now.date(),
+            },
+        )
     _, _, memberships = _everything(lake)
     old_folder = data / "lake" / "data" / "main" / "activities" / f"year={old_day.year}"
     assert any(old_folder.rglob("*.parquet"))
@@ -146,6 +156,9 @@ def test_retention_deletes_whole_old_days_and_never_memberships(
     retention = report.steps[0]
     assert retention.figures["activities deleted"] == 48
     assert retention.figures["tags deleted"] == 16
+    with lake.read() as conn:
+        pairing_days = conn.execute("SELECT signed_in_on FROM _sign_in_names ORDER BY 1").fetchall()
+    assert pairing_days == [((now - timedelta(days=30)).date(),), (now.date(),)]
     # The deleted days' files are gone from storage, the kept days' are there.
     for day in (old_day, last_old):
         folder = f"year={day.year}/month={day.month}/day={day.day}"

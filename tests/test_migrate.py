@@ -272,6 +272,11 @@ def test_every_row_of_every_table_comes_back(legacy: Path, export: Path, tmp_pat
             columns = _columns(old, view)
             assert _rows(new, view, columns) == _rows(old, view, columns), view
         assert new.execute("SELECT count(*) FROM group_members").fetchall()[0][0] == 4
+        # The sign-ins' pairings of name and account (which resolve file events' actors) are
+        # derived from the activities.
+        assert new.execute(
+            "SELECT DISTINCT name, account_id FROM _sign_in_names ORDER BY name"
+        ).fetchall() == [(f"u{n}@contoso.com", f"u{n}") for n in range(5)]
     # The control store came along whole: requests, their email outbox, shrink confirmations.
     before, after = ControlStore(legacy), ControlStore(data)
     assert after.requests_frame().equals(before.requests_frame())

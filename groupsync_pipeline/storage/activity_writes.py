@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -324,6 +324,7 @@ def merge_activities(
             conn,
             "(SELECT $connection AS connection, * FROM incoming_activities)",
             {"connection": connection.name},
+            since=earliest,
         )
         result.new_by_source = dict(
             conn.execute(
@@ -427,37 +428,45 @@ _KNOWN_NAMES = f"""
       AND lower(email) IN (SELECT name FROM wanted)
       AND NOT ({_MADE_UP} AND contains(lower(email), '#ext#'))
     UNION ALL
-    SELECT name, account_id, 4 FROM _sign_in_names
-    WHERE connection = $connection AND last_signed_in_at >= $since
+    SELECT DISTINCT name, account_id, 4 FROM _sign_in_names
+    WHERE connection = $connection AND signed_in_on >= $since_day
       AND name IN (SELECT name FROM wanted)
 """
-SIGN_IN_PAIRING_WINDOW = timedelta(days=30)
+SIGN_IN_PAIRING_DAYS = 30
 SIGN_IN_SOURCE = "signIns"  # the log whose events pair a sign-in name with the account id
 
 
+def _pairing_params(connection: str, now: datetime) -> dict[str, object]:
+    """The parameters of ``_KNOWN_NAMES``: pairings from sign-ins of the last 30 UTC days."""
+    since = now.astimezone(UTC) - timedelta(days=SIGN_IN_PAIRING_DAYS)
+    return {"connection": connection, "since_day": since.date()}
+
+
 def remember_sign_in_names(
-    conn: duckdb.DuckDBPyConnection, events: str, params: dict[str, object] | None = None
+    conn: duckdb.DuckDBPyConnection,
+    events: str,
+    params: dict[str, object] | None = None,
+    since: datetime | None = None,
 ) -> None:
-    """Record in ``_sign_in_names`` the (name, account) pairs of the sign-ins in ``events``
-    (a relation with the columns of activities, connection included)."""
+    """Append to ``_sign_in_names`` the (name, account, day) of the sign-ins in ``events`` (a
+    relation with the columns of activities, connection included) it does not hold yet.
+    ``since``: no event is older (the check reads only the days from then on)."""
     conn.execute(
         f"""
-        MERGE INTO _sign_in_names AS s
-        USING (
-            SELECT connection, lower(actor_email) AS name, actor_account_id AS account_id,
-                   max(occurred_at) AS last_signed_in_at
-            FROM {events}
-            WHERE source = '{SIGN_IN_SOURCE}'
-              AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
-            GROUP BY ALL
-        ) AS n
-        ON s.connection = n.connection AND s.name = n.name AND s.account_id = n.account_id
-        WHEN MATCHED AND n.last_signed_in_at > s.last_signed_in_at THEN
-            UPDATE SET last_signed_in_at = n.last_signed_in_at
-        WHEN NOT MATCHED THEN INSERT (connection, name, account_id, last_signed_in_at)
-            VALUES (n.connection, n.name, n.account_id, n.last_signed_in_at)
+        INSERT INTO _sign_in_names (connection, name, account_id, signed_in_on)
+        SELECT DISTINCT connection, lower(actor_email), actor_account_id,
+               (occurred_at AT TIME ZONE 'UTC')::DATE
+        FROM {events}
+        WHERE source = '{SIGN_IN_SOURCE}'
+          AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
+        EXCEPT
+        SELECT connection, name, account_id, signed_in_on FROM _sign_in_names
+        WHERE signed_in_on >= $since_day
         """,
-        params or {},
+        {
+            **(params or {}),
+            "since_day": (since.astimezone(UTC).date() if since else date.min),
+        },
     )
 
 
@@ -476,7 +485,7 @@ def unknown_actor_names(
         SELECT name FROM ({_KNOWN_NAMES})
         ORDER BY name
         """,
-        {"connection": connection, "names": names, "since": now - SIGN_IN_PAIRING_WINDOW},
+        {"names": names, **_pairing_params(connection, now)},
     ).fetchall()
     return [row[0] for row in rows]
 
@@ -507,7 +516,7 @@ def _resolve_actors(conn: duckdb.DuckDBPyConnection, connection: str, now: datet
         FROM known AS k JOIN wanted AS w ON w.name = k.name
         GROUP BY k.name
         """,
-        {"connection": connection, "since": now - SIGN_IN_PAIRING_WINDOW},
+        _pairing_params(connection, now),
     )
     resolved = conn.execute(
         """

@@ -392,10 +392,7 @@ class Lake:
                 try:
                     cursor.execute("SELECT pg_advisory_lock(%s)", [_PG_WRITER_LOCK_KEY])
                 except psycopg2.errors.LockNotAvailable:
-                    raise LakeBusyError(
-                        f"another groupsync process held the lake's writer lock for more than "
-                        f"{self.lock_timeout:.0f} s ({self.settings.describe()})"
-                    ) from None
+                    raise self._busy() from None
                 try:
                     yield
                 finally:
@@ -407,11 +404,14 @@ class Lake:
         deadline = time.monotonic() + self.lock_timeout
         while not try_lock():
             if time.monotonic() > deadline:
-                raise LakeBusyError(
-                    f"another groupsync process held the lake's writer lock for more than "
-                    f"{self.lock_timeout:.0f} s ({self.settings.describe()})"
-                )
+                raise self._busy()
             time.sleep(0.05)
+
+    def _busy(self) -> LakeBusyError:
+        return LakeBusyError(
+            f"another groupsync process held the lake's writer lock for more than "
+            f"{self.lock_timeout:.0f} s ({self.settings.describe()})"
+        )
 
     # -- reading ---------------------------------------------------------------------------
 

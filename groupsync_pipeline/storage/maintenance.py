@@ -6,7 +6,8 @@ replaced by a merge or a delete stay on disk while an old snapshot may still rea
 daily maintenance job (defs/maintenance.py) runs :func:`run_maintenance`, which:
 
 1. deletes activities (and their tags) older than ``GROUPSYNC_ACTIVITY_RETENTION_DAYS``, cut at
-   a UTC midnight so whole day partitions go (membership history is never expired);
+   a UTC midnight so whole day partitions go (membership history is never expired), and the
+   sign-ins' pairings of name and account older than the 30 days that resolve actors;
 2. flushes inlined rows into Parquet files (``ducklake_flush_inlined_data``);
 3. rewrites files most of whose rows were deleted (``ducklake_rewrite_data_files``: a day
    emptied by retention leaves its files and delete files until then);
@@ -34,6 +35,7 @@ from datetime import UTC, date, datetime, timedelta
 import duckdb
 
 from groupsync_pipeline.config import ConfigError, env_number
+from groupsync_pipeline.storage.activity_writes import SIGN_IN_PAIRING_DAYS
 from groupsync_pipeline.storage.lake import LAKE_ALIAS, Lake
 
 ACTIVITY_RETENTION_ENV = "GROUPSYNC_ACTIVITY_RETENTION_DAYS"
@@ -192,6 +194,21 @@ def delete_old_activities(lake: Lake, cutoff: datetime) -> StepReport:
     )
 
 
+def delete_old_sign_in_names(lake: Lake, now: datetime) -> StepReport:
+    """Delete the sign-ins' pairings of name and account too old to resolve an actor."""
+    started = time.monotonic()
+    first_kept = now.astimezone(UTC).date() - timedelta(days=SIGN_IN_PAIRING_DAYS)
+    with lake.write() as conn:
+        deleted = conn.execute(
+            "DELETE FROM _sign_in_names WHERE signed_in_on < $day", {"day": first_kept}
+        ).fetchall()[0][0]
+    return StepReport(
+        "sign-in pairings",
+        time.monotonic() - started,
+        {"kept from": first_kept.isoformat(), "deleted": int(deleted)},
+    )
+
+
 def run_maintenance(
     lake: Lake,
     settings: MaintenanceSettings | None = None,
@@ -227,6 +244,8 @@ def run_maintenance(
         done(delete_old_activities(lake, cutoff))
     else:
         done(StepReport("activity retention", 0.0, {"cutoff": "none (kept forever)"}))
+
+    done(delete_old_sign_in_names(lake, now))
 
     snapshot_cutoff = clock - timedelta(days=settings.snapshot_retention_days)
     file_cutoff = clock - timedelta(hours=settings.file_grace_hours)

@@ -211,14 +211,16 @@ CREATE TABLE IF NOT EXISTS activity_sources_state (
     last_error_at    TIMESTAMPTZ            -- key: (connection, source)
 );
 
--- _sign_in_names (internal): the account each lower-case sign-in name signed in as, and when it
--- last did (the sign-ins pair the name with the directory id). Resolving a file event's actor
--- reads these few rows instead of 30 days of sign-ins (storage/activity_writes.py).
+-- _sign_in_names (internal): the account each lower-case sign-in name signed in as, one row per
+-- UTC day it did (the sign-ins pair the name with the directory id). Resolving a file event's
+-- actor reads these rows instead of 30 days of sign-ins (storage/activity_writes.py). Only
+-- appended (an update would add a delete file to every file it touches); maintenance deletes
+-- the days past the 30 that count.
 CREATE TABLE IF NOT EXISTS _sign_in_names (
-    connection        VARCHAR NOT NULL,
-    name              VARCHAR NOT NULL,
-    account_id        VARCHAR NOT NULL,
-    last_signed_in_at TIMESTAMPTZ NOT NULL  -- key: (connection, name, account_id)
+    connection   VARCHAR NOT NULL,
+    name         VARCHAR NOT NULL,
+    account_id   VARCHAR NOT NULL,
+    signed_in_on DATE NOT NULL              -- key: (connection, name, account_id, signed_in_on)
 );
 
 -- activity_groups: the groups each activity is tagged with. A group tags an activity when the
