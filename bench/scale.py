@@ -290,6 +290,7 @@ def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
     started = time.perf_counter()
     for first in range(0, len(table), 1000):  # Graph pages hold up to 1,000 events
         staging.add([Activity(**row) for row in table[first : first + 1000]])
+    staging.close()  # as the ingest does before it takes the writer lock
     staged_s = time.perf_counter() - started
     reads = [
         SourceRead(source, now, sum(1 for r in table if r["source"] == source))

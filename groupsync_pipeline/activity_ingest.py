@@ -220,6 +220,7 @@ def ingest_connection(
         if outcome.skipped:
             log(f"{connection.name}: {outcome.skipped} events without an id or time were skipped")
         outcome.pages = staging.pages
+        staging.close()  # its last rows written before the writer lock is taken
         for attempt in lake.retrying():  # a commit the catalog refused runs again
             with attempt, lake.write() as conn:
                 outcome.merge = merge_activities(

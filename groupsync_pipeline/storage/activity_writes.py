@@ -74,6 +74,7 @@ class ActivityStaging:
         self.rows = 0
         self.pages = 0
         self._conn = open_staging_file(path, _STAGED_DDL)
+        self._closed = False
 
     def add(self, page: list[Activity]) -> None:
         self.pages += 1
@@ -118,8 +119,12 @@ class ActivityStaging:
         self.rows = self._conn.execute("SELECT count(*) FROM staged_activities").fetchall()[0][0]
 
     def close(self) -> None:
+        """Write what is buffered and close the file for the merge to read (idempotent)."""
+        if self._closed:
+            return
         self.flush()
         self._conn.close()
+        self._closed = True
 
     def remove(self) -> None:
         self._buffer = []
