@@ -21,6 +21,7 @@ def test_import_benchmark_smoke_run_imports_every_member() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert re.search(r"groupsync import: +\d+\.\d+ s .* 6 pages", out), out
+    assert re.search(r"into a new lake: +\d+\.\d+ s .* 6 pages", out), out
     ratio = float(re.search(r"ratio import / bare download: (\d+\.\d+)x", out).group(1))  # type: ignore[union-attr]
     assert ratio > 0
     lake_mb = float(re.search(r"lake \(catalog and Parquet files\): (\d+\.\d+) MB", out).group(1))  # type: ignore[union-attr]

@@ -159,14 +159,18 @@ def test_retention_deletes_whole_old_days_and_never_memberships(
     with lake.read() as conn:
         pairing_days = conn.execute("SELECT signed_in_on FROM _sign_in_names ORDER BY 1").fetchall()
     assert pairing_days == [((now - timedelta(days=30)).date(),), (now.date(),)]
+
     # The deleted days' files are gone from storage, the kept days' are there.
-    for day in (old_day, last_old):
-        folder = f"year={day.year}/month={day.month}/day={day.day}"
-        for table in ("activities", "_activity_group_keys"):
-            where = data / "lake" / "data" / "main" / table
-            assert not list(where.glob(f"{folder}/*.parquet")), (table, folder)
-    kept = f"year={first_kept.year}/month={first_kept.month}/day={first_kept.day}"
-    assert list((data / "lake" / "data" / "main" / "activities").glob(f"{kept}/*.parquet"))
+    def day_folders(day: datetime) -> dict[str, str]:  # each table's partition of that day
+        return {
+            "activities": f"year={day.year}/month={day.month}/day={day.day}",
+            "_activity_group_keys": f"occurred_on={day.date().isoformat()}",
+        }
+
+    for day in (old_day, last_old, first_kept):
+        for table, folder in day_folders(day).items():
+            files = list((data / "lake" / "data" / "main" / table).glob(f"{folder}/*.parquet"))
+            assert bool(files) == (day == first_kept), (table, folder)
 
 
 def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -235,7 +235,9 @@ CREATE TABLE IF NOT EXISTS _activity_group_keys (
     group_key   INTEGER NOT NULL,
     occurred_on DATE NOT NULL               -- the activity's day (UTC): partitions as activities do
 );
-ALTER TABLE _activity_group_keys SET PARTITIONED BY (year(occurred_on), month(occurred_on), day(occurred_on));
+-- By the day itself (one folder per day, as activities): year/month/day transforms of the DATE
+-- made writing 41.7M tags 1.8x slower (bench/tagging.py).
+ALTER TABLE _activity_group_keys SET PARTITIONED BY (occurred_on);
 
 -- _tagging_state (internal): activities up to this activity_id have been tagged.
 CREATE TABLE IF NOT EXISTS _tagging_state (

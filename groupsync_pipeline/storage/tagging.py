@@ -39,7 +39,7 @@ WITH m AS MATERIALIZED (
     WHERE m.valid_from <= $latest AND coalesce(m.valid_to, 'infinity'::TIMESTAMPTZ) > $earliest
       AND g.imported_at <= $latest
 )
-SELECT a.activity_id, m.group_key, (a.occurred_at AT TIME ZONE 'UTC')::DATE
+SELECT a.activity_id, m.group_key, {utc_day}
 FROM activities AS a
 JOIN m
   ON m.connection = a.connection
@@ -49,6 +49,11 @@ JOIN m
  AND m.imported_at <= a.occurred_at
 WHERE a.activity_id > $after AND a.activity_id <= $through
 """
+# The UTC day of a TIMESTAMPTZ by arithmetic on its microseconds: `(ts AT TIME ZONE 'UTC')::DATE`
+# goes through ICU's time zones and cost 5.6 s of the 10.2 s it took to tag 10M activities
+# (41.7M tags, bench/tagging.py); this costs 0.2 s. floor, not //: a day before 1970 too.
+UTC_DAY = "('1970-01-01'::DATE + floor(epoch_us({ts}) / 86400000000)::INTEGER)"
+_TAG_SQL = _TAG_SQL.format(utc_day=UTC_DAY.format(ts="a.occurred_at"))
 
 
 @dataclass(frozen=True)
