@@ -309,6 +309,48 @@ def test_a_stored_sign_in_names_the_account_of_later_file_events_for_30_days(
     ]
 
 
+def test_a_sign_in_name_handed_on_names_its_latest_holder(lake: Lake) -> None:
+    # Two names, each handed from an old holder to a new one; their pairings stored in both
+    # orders and with the new holder's id sorting first and last: nothing but the dates of
+    # the sign-ins can pick the new holders both times.
+    ann, bob = "ann.h@contoso.example", "bob.h@contoso.example"
+    later = T0 + timedelta(days=10)
+    ingest(lake, [event("ann-new", later, actor="u-a1", email=ann)], now=later)
+    # Old holders' sign-ins, published late, stored after Ann's new holder's...
+    ingest(
+        lake,
+        [
+            event("ann-old", T0, actor="u-z1", email=ann),
+            event("bob-old", T0, actor="u-a2", email=bob),
+        ],
+        now=later + timedelta(minutes=1),
+    )
+    # ...and before Bob's.
+    ingest(
+        lake, [event("bob-new", later, actor="u-z2", email=bob)], now=later + timedelta(minutes=2)
+    )
+    file_at = later + timedelta(days=1)
+    files = [
+        event(
+            f"file-{n}",
+            file_at,
+            actor=None,
+            email=e,
+            source="Audit.SharePoint",
+            action="FileAccessed",
+        )
+        for n, e in (("ann", ann), ("bob", bob))
+    ]
+    ingest(lake, files, now=file_at + timedelta(minutes=5))
+    with lake.read() as conn:
+        actors = dict(
+            conn.execute(
+                "SELECT event_id, actor_account_id FROM activities WHERE event_id LIKE 'file-%'"
+            ).fetchall()
+        )
+    assert actors == {"file-ann": "u-a1", "file-bob": "u-z2"}
+
+
 def test_external_group_starts_when_created_and_holds_outside_people(
     lake: Lake,
 ) -> None:

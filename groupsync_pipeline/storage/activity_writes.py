@@ -420,7 +420,8 @@ _MADE_UP = "(user_type = 'External' AND user_principal_name IS NULL)"
 # Who a lower-case sign-in name (or email) in the table ``wanted`` is, best first: 1 an
 # account's sign-in name, 2 its email, (3: a pairing of name and id in the batch itself), 4 the
 # id the app paired with that name in a stored sign-in of the last 30 days (Graph's own
-# retention; kept in _sign_in_names), 5 an account made for an outside person. A guest's
+# retention; kept in _sign_in_names; the latest first: a sign-in name handed to someone else
+# is theirs from their first sign-in), 5 an account made for an outside person. A guest's
 # sign-in name (#EXT#) always belongs to a directory account: an account an older release
 # made up for one is not used.
 _KNOWN_NAMES = f"""
@@ -433,9 +434,11 @@ _KNOWN_NAMES = f"""
       AND lower(email) IN (SELECT name FROM wanted)
       AND NOT ({_MADE_UP} AND contains(lower(email), '#ext#'))
     UNION ALL
-    SELECT DISTINCT name, account_id, 4 FROM _sign_in_names
+    SELECT name, account_id, 5 - (date_diff('day', $since_day, max(signed_in_on)) + 1) / 100
+    FROM _sign_in_names
     WHERE connection = $connection AND signed_in_on >= $since_day
       AND name IN (SELECT name FROM wanted)
+    GROUP BY name, account_id
 """
 SIGN_IN_PAIRING_DAYS = 30
 SIGN_IN_SOURCE = "signIns"  # the log whose events pair a sign-in name with the account id
