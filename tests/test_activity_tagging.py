@@ -351,6 +351,30 @@ def test_a_sign_in_name_handed_on_names_its_latest_holder(lake: Lake) -> None:
     assert actors == {"file-ann": "u-a1", "file-bob": "u-z2"}
 
 
+def test_a_sign_in_dated_in_the_future_never_outranks_the_directory(lake: Lake) -> None:
+    with lake.write() as conn:
+        conn.execute(
+            "INSERT INTO accounts VALUES ('contoso', 'u-dir', 'eve@contoso.example', 'Eve', "
+            "'eve@contoso.example', 'Member', false, true, ?, ?)",
+            [T0, T0],
+        )
+    # A sign-in the app dated centuries ahead pairs the name with another id.
+    ahead = event(
+        "far", datetime(2999, 1, 1, tzinfo=UTC), actor="u-odd", email="eve@contoso.example"
+    )
+    ingest(lake, [ahead], now=T0)
+    later = T0 + timedelta(minutes=5)
+    ingest(
+        lake,
+        [event("file", later, actor=None, email="eve@contoso.example", source="Audit.SharePoint")],
+        now=later,
+    )
+    with lake.read() as conn:
+        assert conn.execute(
+            "SELECT actor_account_id FROM activities WHERE event_id = 'file'"
+        ).fetchall() == [("u-dir",)]
+
+
 def test_external_group_starts_when_created_and_holds_outside_people(
     lake: Lake,
 ) -> None:

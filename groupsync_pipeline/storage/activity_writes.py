@@ -25,7 +25,12 @@ import pandas as pd
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
 from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
-from groupsync_pipeline.storage.tagging import TaggingResult, tag_new_activities, tagged_through
+from groupsync_pipeline.storage.tagging import (
+    UTC_DAY,
+    TaggingResult,
+    tag_new_activities,
+    tagged_through,
+)
 from groupsync_pipeline.storage.writes import (
     NEXT_GROUP_KEY,
     record_connection,
@@ -420,10 +425,10 @@ _MADE_UP = "(user_type = 'External' AND user_principal_name IS NULL)"
 # Who a lower-case sign-in name (or email) in the table ``wanted`` is, best first: 1 an
 # account's sign-in name, 2 its email, (3: a pairing of name and id in the batch itself), 4 the
 # id the app paired with that name in a stored sign-in of the last 30 days (Graph's own
-# retention; kept in _sign_in_names; the latest first: a sign-in name handed to someone else
-# is theirs from their first sign-in), 5 an account made for an outside person. A guest's
-# sign-in name (#EXT#) always belongs to a directory account: an account an older release
-# made up for one is not used.
+# retention; kept in _sign_in_names; the latest first, between 4.01 and 4.99 whatever the
+# dates say: a sign-in name handed to someone else is theirs from their first sign-in), 5 an
+# account made for an outside person. A guest's sign-in name (#EXT#) always belongs to a
+# directory account: an account an older release made up for one is not used.
 _KNOWN_NAMES = f"""
     SELECT lower(user_principal_name) AS name, account_id, 1 AS rank FROM accounts
     WHERE connection = $connection AND user_principal_name IS NOT NULL
@@ -434,7 +439,8 @@ _KNOWN_NAMES = f"""
       AND lower(email) IN (SELECT name FROM wanted)
       AND NOT ({_MADE_UP} AND contains(lower(email), '#ext#'))
     UNION ALL
-    SELECT name, account_id, 5 - (date_diff('day', $since_day, max(signed_in_on)) + 1) / 100
+    SELECT name, account_id,
+           5 - (least(date_diff('day', $since_day, max(signed_in_on)), 98) + 1) / 100
     FROM _sign_in_names
     WHERE connection = $connection AND signed_in_on >= $since_day
       AND name IN (SELECT name FROM wanted)
@@ -463,7 +469,7 @@ def remember_sign_in_names(
         f"""
         INSERT INTO _sign_in_names (connection, name, account_id, signed_in_on)
         SELECT DISTINCT connection, lower(actor_email), actor_account_id,
-               (occurred_at AT TIME ZONE 'UTC')::DATE
+               {UTC_DAY.format(ts="occurred_at")}
         FROM {events}
         WHERE source = '{SIGN_IN_SOURCE}'
           AND actor_account_id IS NOT NULL AND actor_email IS NOT NULL
