@@ -53,6 +53,7 @@ from typing import Any
 
 import duckdb
 
+from groupsync_pipeline.connectors.base import Activity
 from groupsync_pipeline.storage.activity_writes import remember_sign_in_names
 from groupsync_pipeline.storage.lake import LAKE_DIR, Lake
 from groupsync_pipeline.storage.maintenance import MaintenanceSettings, run_maintenance
@@ -177,23 +178,7 @@ class Grower:
 
 # -- one 15-minute batch through the pipeline's write path ----------------------------------
 
-ACTIVITY_COLUMNS = [
-    "source",
-    "event_id",
-    "occurred_at",
-    "actor_account_id",
-    "actor_email",
-    "action",
-    "object_name",
-    "object_id",
-    "ip_address",
-    "country",
-    "city",
-    "user_agent",
-    "success",
-    "raw",
-    "actor_type",
-]
+ACTIVITY_COLUMNS = list(Activity._fields)  # what an ingest stages, in that order
 
 
 def prepare_batch(grower: Grower, path: Path) -> int:
@@ -270,7 +255,6 @@ def batch_child(data_dir: str, batch_file: str, now_iso: str) -> None:
     import resource
 
     from groupsync_pipeline.config import Connection
-    from groupsync_pipeline.connectors.base import Activity
     from groupsync_pipeline.storage.activity_writes import (
         ActivityStaging,
         ActorLookup,
