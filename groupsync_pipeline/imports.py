@@ -1,6 +1,6 @@
 """Import a group's members and refresh group catalogs: the work behind the Dagster assets.
 
-Reads from a connected app stream to a private staging file first; only then is the lake
+Reads from a connected app stream to private staging files first; only then is the lake
 opened, for one short all-or-nothing transaction. A crash before the merge changes nothing.
 """
 
@@ -59,7 +59,7 @@ def import_group_members(
         if on_progress is not None:
             on_progress(pages, members)
         if pages % progress_every == 0:
-            log(f"{connection.name}: {pages} pages fetched, {members} members so far")
+            log(f"{connection.name}: {pages} pages fetched, {members} members listed so far")
 
     staging = MemberStaging(lake.staging_path())
     try:
@@ -70,7 +70,8 @@ def import_group_members(
                 f"{group.member_count} people per {connector.app}"
             )
             for page in connector.group_members(group.remote_id):
-                staging.add(page.accounts, page.other_members)
+                staging.add(page)
+            staging.read(connector.member_rows_sql)
         if staging.rows == 0 and group.member_count:
             # One empty answer must not end every membership of a group the app says is full.
             raise VendorError(

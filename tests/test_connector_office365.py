@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import unquote
 
+import duckdb
 import pytest
 
 from groupsync_pipeline.connectors.base import (
+    Account,
     AuthenticationError,
     GroupNotFoundError,
+    MemberPage,
     PermissionDeniedError,
     VendorError,
 )
 from groupsync_pipeline.connectors.office365 import (
     GraphConnector,
+    _member_type,
     account_from_user,
     batch_count,
     graph_scope,
@@ -24,6 +32,7 @@ from groupsync_pipeline.connectors.office365 import (
     parse_retry_after,
 )
 from groupsync_pipeline.sandbox.graph import GraphSandbox
+from groupsync_pipeline.storage.writes import MemberStaging
 
 from .conftest import VENDOR_EXAMPLES, make_connector
 
@@ -31,14 +40,28 @@ API_REFERENCE = VENDOR_EXAMPLES / "graph"
 HOSTILE = 'Ops "Night" O\'Brien & <Co> — ünïcødé 🚀'
 
 
+def member_rows(pages: Iterable[MemberPage]) -> tuple[list[Account], dict[str, int], int]:
+    """Pages read as an import reads them (MemberStaging, the connector's member_rows_sql):
+    the people in listing order, the other members by kind, and the page count."""
+    with tempfile.TemporaryDirectory() as folder:
+        staging = MemberStaging(Path(folder) / "members")
+        try:
+            for page in pages:
+                staging.add(page)
+            staging.read(GraphConnector.member_rows_sql)
+            rows = duckdb.sql(
+                f"SELECT {', '.join(Account._fields)} "
+                "FROM read_parquet($rows, file_row_number = true) "
+                "WHERE kind = 'user' ORDER BY file_row_number",
+                params={"rows": str(staging.rows_path)},
+            ).fetchall()
+        finally:
+            staging.remove()
+    return [Account(*row) for row in rows], dict(staging.other_members), staging.pages
+
+
 def members_of(connector: GraphConnector, remote_id: str) -> tuple[list, dict, int]:
-    accounts, others, pages = [], {}, 0
-    for page in connector.group_members(remote_id):
-        pages += 1
-        accounts.extend(page.accounts)
-        for kind, count in page.other_members.items():
-            others[kind] = others.get(kind, 0) + count
-    return accounts, others, pages
+    return member_rows(connector.group_members(remote_id))
 
 
 def test_catalog_lists_every_group_with_people_counts(
@@ -303,12 +326,100 @@ def test_vendor_examples_parse() -> None:
     ]
     account = account_from_user(user)
     assert account.email == "group1@contoso.com" and account.enabled is None
+    assert member_rows([MemberPage(items=[user])])[0] == [account]  # as an import reads it
     users = json.loads((API_REFERENCE / "domains_users.json").read_text())
     guest = users[
         "GET_/v1.0/users?$filter=startswith(displayName,'a')&$orderby=displayName&$count=true&$top=1"
         " (ConsistencyLevel: eventual)"
     ]["value"][0]
     assert account_from_user({"id": "x", **guest}).is_external
+
+
+# What real tenants and other implementations of Graph may send in a member listing.
+ODD_MEMBERS = [
+    None,
+    "a string",
+    5,
+    [],
+    {},
+    {"id": 123, "userPrincipalName": "number-id@contoso.example"},
+    {"id": "", "userPrincipalName": "empty-id@contoso.example"},
+    {"id": True},
+    {"id": "enabled-text", "userPrincipalName": "t@contoso.example", "accountEnabled": "yes"},
+    {"id": "name-object", "userPrincipalName": "o@contoso.example", "displayName": {"x": 1}},
+    {"id": "name-number", "userPrincipalName": "n@contoso.example", "displayName": 5},
+    {"id": "nulls", "userPrincipalName": None, "mail": None, "accountEnabled": None},
+    {"id": "not-a-number", "userPrincipalName": "nan@contoso.example", "displayName": float("nan")},
+    {"id": "empty-mail", "userPrincipalName": "e@contoso.example", "mail": ""},
+    {"id": "no-type-no-upn", "displayName": "Printer"},
+    {"id": "group-1", "@odata.type": "#microsoft.graph.group", "displayName": "Nested"},
+    {"id": "sp-1", "@odata.type": "#microsoft.graph.servicePrincipal"},
+    {"id": "dev-1", "@odata.type": "#microsoft.graph.device"},
+    {"id": "typed-number", "@odata.type": 7, "userPrincipalName": "tn@contoso.example"},
+    {"id": "guest", "@odata.type": "#microsoft.graph.user", "userType": "Guest", "mail": "g@x.io"},
+    {"id": "ext-member", "userType": "Member", "userPrincipalName": "a_b.io#ext#@contoso.example"},
+    {
+        "id": "ab/c'd?e=\u00e9\n",
+        "@odata.type": "#microsoft.graph.user",
+        "displayName": HOSTILE + "\n=cmd|' /C calc'!A0",
+        "mail": "hostile@contoso.example",
+        "userPrincipalName": "hostile@contoso.example",
+        "userType": "Member",
+        "accountEnabled": False,
+        "extra": {"nested": [1, 2]},
+    },
+    {"id": "again", "userPrincipalName": "r@contoso.example"},
+    {"id": "again", "userPrincipalName": "r@contoso.example"},
+]
+
+
+def python_member_rows(items: list) -> tuple[list[Account], dict[str, int]]:
+    """The same items read one by one in Python (account_from_user, _member_type)."""
+    accounts, others = [], Counter()
+    for obj in items:
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+            others["invalid"] += 1
+        elif (kind := _member_type(obj)) == "user":
+            accounts.append(account_from_user(obj))
+        else:
+            others[kind] += 1
+    return accounts, dict(others)
+
+
+def test_member_rows_match_python() -> None:
+    """office365_members.sql reads member items exactly as account_from_user reads a user,
+    whatever shape the items have; nothing in them fails the read."""
+    pages = [MemberPage(items=ODD_MEMBERS[:9]), MemberPage(items=[]), MemberPage(ODD_MEMBERS[9:])]
+    accounts, others, page_count = member_rows(pages)
+    expected_accounts, expected_others = python_member_rows(ODD_MEMBERS)
+    assert page_count == 3
+    assert accounts == expected_accounts
+    assert others == expected_others
+    assert others == {"invalid": 8, "unknown": 1, "group": 1, "servicePrincipal": 1, "device": 1}
+    by_id = {a.account_id: a for a in accounts}
+    assert by_id["guest"].is_external and by_id["ext-member"].is_external
+    assert by_id["enabled-text"].enabled is None and by_id["name-object"].display_name is None
+    assert by_id["not-a-number"].display_name is None
+    assert by_id["empty-mail"].email == "e@contoso.example"
+    assert by_id["ab/c'd?e=\u00e9\n"].display_name == HOSTILE + "\n=cmd|' /C calc'!A0"
+    assert [a.account_id for a in accounts].count("again") == 2  # the merge keeps one
+
+
+def test_member_rows_survive_what_json_cannot_hold() -> None:
+    """Values JSON has no room for (NaN, infinity, a lone surrogate, a huge number) read as
+    null or "?": the import goes on."""
+    items = [
+        {"id": "u1", "userPrincipalName": "a@contoso.example", "displayName": "\ud800 Ann"},
+        {"id": "u2", "userPrincipalName": "b@contoso.example", "displayName": float("inf")},
+        {"id": "u3", "userPrincipalName": "c@contoso.example", "extra": 10**40},
+    ]
+    accounts, others, _ = member_rows([MemberPage(items=items)])
+    assert [(a.account_id, a.display_name) for a in accounts] == [
+        ("u1", "? Ann"),
+        ("u2", None),
+        ("u3", None),
+    ]
+    assert others == {}
 
 
 @pytest.mark.parametrize(

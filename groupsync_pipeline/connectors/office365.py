@@ -18,12 +18,13 @@ import random
 import ssl
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from importlib import resources
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -38,6 +39,7 @@ from tenacity import (
     stop_when_event_set,
 )
 
+from groupsync_pipeline import json_text
 from groupsync_pipeline.connectors.base import (
     Account,
     Activity,
@@ -73,6 +75,9 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_TYPE = "#microsoft.graph.user"
 GROUP_SELECT = "id,displayName,description,mail,groupTypes,securityEnabled,mailEnabled"
 MEMBER_SELECT = "id,displayName,mail,userPrincipalName,userType,accountEnabled"
+MEMBER_ROWS_SQL = (
+    resources.files("groupsync_pipeline.connectors").joinpath("office365_members.sql").read_text()
+)
 # members is selected so that each page carries members@delta (the membership changes).
 DELTA_SELECT = "displayName,description,mail,mailEnabled,securityEnabled,groupTypes,members"
 # Graph error codes meaning "the saved delta state is gone: start over" (compared lower case).
@@ -251,18 +256,28 @@ def group_kind(group: dict[str, Any]) -> str:
 
 
 def account_from_user(obj: dict[str, Any]) -> Account:
-    upn = obj.get("userPrincipalName")
-    user_type = obj.get("userType")
+    """One Graph user object as an Account. office365_members.sql reads members by the same
+    rules: a value of another JSON type than documented reads as None."""
+    upn = _text(obj.get("userPrincipalName"))
+    user_type = _text(obj.get("userType"))
+    enabled = obj.get("accountEnabled")
     return Account(
         account_id=obj["id"],
-        email=obj.get("mail") or upn,
-        display_name=obj.get("displayName"),
+        email=_text(obj.get("mail")) or upn,
+        display_name=_text(obj.get("displayName")),
         user_principal_name=upn,
         user_type=user_type,
         # Guests, and external people invited as members (their UPN carries #EXT#).
         is_external=user_type == "Guest" or "#EXT#" in (upn or "").upper(),
-        enabled=obj.get("accountEnabled"),
+        enabled=enabled if isinstance(enabled, bool) else None,
     )
+
+
+def _people(items: Iterable[Any]) -> Iterator[Account]:
+    """The users among member objects (nested groups and other members left out)."""
+    for obj in items:
+        if isinstance(obj, dict) and _text(obj.get("id")) and _member_type(obj) == "user":
+            yield account_from_user(obj)
 
 
 def _text(value: Any) -> str | None:
@@ -353,6 +368,7 @@ class GraphConnector:
     """Reads groups and their members from one Microsoft 365 tenant."""
 
     app = "office365"
+    member_rows_sql = MEMBER_ROWS_SQL
 
     def __init__(
         self,
@@ -662,7 +678,7 @@ class GraphConnector:
         if response.headers.get("content-type", "").startswith("text/plain"):
             return body.decode("utf-8", "replace"), response.headers
         try:
-            return json.loads(body), response.headers
+            return json_text.parse(body), response.headers
         except ValueError:
             problem = (
                 f"HTTP {status} with a body that is not JSON "
@@ -1021,25 +1037,16 @@ class GraphConnector:
         return None
 
     def group_members(self, remote_id: str) -> Iterator[MemberPage]:
-        """The group's people, nested groups flattened, page by page (bounded memory)."""
-        pages = members = 0
+        """The group's members, nested groups flattened, page by page (bounded memory), as
+        Graph lists them: ``member_rows_sql`` reads the items."""
+        members = 0
         params = {"$select": MEMBER_SELECT, "$top": str(PAGE_SIZE)}
-        for page in self._pages(f"/groups/{_segment(remote_id)}/transitiveMembers", params):
-            result = MemberPage(accounts=[], other_members=Counter())
-            for obj in page["value"]:
-                if not isinstance(obj, dict) or not obj.get("id"):
-                    result.other_members["invalid"] += 1
-                    continue
-                kind = _member_type(obj)
-                if kind == "user":
-                    result.accounts.append(account_from_user(obj))
-                else:
-                    result.other_members[kind] += 1
-            pages += 1
-            members += len(result.accounts)
+        path = f"/groups/{_segment(remote_id)}/transitiveMembers"
+        for pages, page in enumerate(self._pages(path, params), start=1):
+            members += len(page["value"])
             if self.on_page:
                 self.on_page(pages, members)
-            yield result
+            yield MemberPage(items=page["value"])
 
     # --- change tracking (delta query) ------------------------------------------------------
 
@@ -1245,7 +1252,7 @@ class GraphConnector:
                         accounts = (
                             account
                             for member_page in self.group_members(obj["id"])
-                            for account in member_page.accounts
+                            for account in _people(member_page.items)
                         )
                     else:  # servicePrincipal, device, ...: not a person
                         continue

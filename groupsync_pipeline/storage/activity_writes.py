@@ -24,7 +24,7 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, Activity, ConnectorError
-from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
+from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file, sql_text
 from groupsync_pipeline.storage.tagging import (
     UTC_DAY,
     TaggingResult,
@@ -267,8 +267,7 @@ def merge_activities(
         upsert_incoming_accounts(conn, connection.name, now)
         conn.execute("DROP TABLE incoming")
 
-    quoted = str(staging.path).replace("'", "''")
-    conn.execute(f"ATTACH '{quoted}' AS activity_staging (READ_ONLY)")
+    conn.execute(f"ATTACH {sql_text(str(staging.path))} AS activity_staging (READ_ONLY)")
     # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
     # One row per event: a window can hand the same event over twice.
     conn.execute(

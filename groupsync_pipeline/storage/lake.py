@@ -102,7 +102,7 @@ def remove_staging_file(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _sql_text(value: str) -> str:
+def sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -126,13 +126,13 @@ class S3Settings:
             if not credentials:
                 options.append(f"{option} '...'")
             elif os.environ.get(variable):
-                options.append(f"{option} {_sql_text(os.environ[variable])}")
+                options.append(f"{option} {sql_text(os.environ[variable])}")
         if self.endpoint:
-            options.append(f"ENDPOINT {_sql_text(self.endpoint)}")
+            options.append(f"ENDPOINT {sql_text(self.endpoint)}")
         if self.region:
-            options.append(f"REGION {_sql_text(self.region)}")
+            options.append(f"REGION {sql_text(self.region)}")
         if self.url_style:
-            options.append(f"URL_STYLE {_sql_text(self.url_style)}")
+            options.append(f"URL_STYLE {sql_text(self.url_style)}")
         options.append(f"USE_SSL {'true' if self.use_ssl else 'false'}")
         return f"CREATE OR REPLACE TEMPORARY SECRET groupsync_s3 ({', '.join(options)})"
 
@@ -186,11 +186,11 @@ class LakeSettings:
         return f"DuckLake ({self.catalog_kind} catalog {self.catalog}, data {self.data_path})"
 
     def attach_statement(self, alias: str, read_only: bool) -> str:
-        options = [f"DATA_PATH {_sql_text(self.data_path)}"]
+        options = [f"DATA_PATH {sql_text(self.data_path)}"]
         if read_only:
             options.append("READ_ONLY")
         target = f"ducklake:{self.catalog_kind}:{self.catalog}"
-        return f"ATTACH {_sql_text(target)} AS {alias} ({', '.join(options)})"
+        return f"ATTACH {sql_text(target)} AS {alias} ({', '.join(options)})"
 
     def readable_locations(self) -> list[str]:
         """The local folders a read-only session must reach (the catalog file, data files)."""
@@ -469,11 +469,12 @@ class Lake:
             conn.close()
 
     def staging_path(self) -> Path:
-        """A fresh private DuckDB file for streaming an import before it is merged."""
+        """A fresh private path for streaming a run's reads before they are merged: a DuckDB
+        file, or the stem of a run's own staging files (``with_suffix``)."""
         folder = self.data_dir / STAGING_DIR
         folder.mkdir(parents=True, exist_ok=True)
         day_ago = time.time() - 86400
-        for old in folder.glob("*.duckdb*"):  # left by runs that were killed
+        for old in folder.iterdir():  # left by runs that were killed
             with contextlib.suppress(OSError):  # another import may be removing its own
                 if old.is_file() and old.stat().st_mtime < day_ago:
                     old.unlink()
@@ -484,7 +485,7 @@ def attach_instructions(lake: Lake) -> str:
     """For people: where the lake is and the statements that attach it read-only."""
     settings = lake.settings
     loads = "\n".join(
-        f"LOAD {_sql_text(str(extension_path(name)))};" for name in settings.extensions()
+        f"LOAD {sql_text(str(extension_path(name)))};" for name in settings.extensions()
     )
     secret = (
         "\n-- object storage: put your credentials in place of the dots\n"

@@ -21,7 +21,12 @@ import pandas as pd
 
 from groupsync_pipeline.config import Connection
 from groupsync_pipeline.connectors.base import Account, DeltaPage
-from groupsync_pipeline.storage.lake import Lake, open_staging_file, remove_staging_file
+from groupsync_pipeline.storage.lake import (
+    Lake,
+    open_staging_file,
+    remove_staging_file,
+    sql_text,
+)
 from groupsync_pipeline.storage.writes import record_connection
 
 _STAGING_DDL = """
@@ -53,10 +58,6 @@ _OBJECT_COLUMNS = [
     "mail_cleared",
 ]
 _EDGE_COLUMNS = ["seq", "parent_id", "member_id", "member_type", "op"]
-
-
-def _quoted(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 class DeltaStaging:
@@ -343,7 +344,7 @@ def apply_round(
     mode = "full" if full else "delta"
     name = connection.name
     record_connection(conn, connection, now)
-    conn.execute(f"ATTACH '{_quoted(staging.path)}' AS stage (READ_ONLY)")
+    conn.execute(f"ATTACH {sql_text(str(staging.path))} AS stage (READ_ONLY)")
     # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
     result = _apply(conn, name, full, mode, now, policy, confirmations, run_id)
     _record_syncs(conn, result, now, run_id, pages, duration_seconds, mode)

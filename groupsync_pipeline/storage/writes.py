@@ -15,17 +15,16 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from groupsync_pipeline import json_text
 from groupsync_pipeline.config import Connection
-from groupsync_pipeline.connectors.base import Account, RemoteGroup
-from groupsync_pipeline.storage.lake import open_staging_file, remove_staging_file
-
-_STAGED_DDL = """
-CREATE TABLE IF NOT EXISTS staged_accounts (
-    account_id VARCHAR NOT NULL, email VARCHAR, display_name VARCHAR,
-    user_principal_name VARCHAR, user_type VARCHAR, is_external BOOLEAN NOT NULL, enabled BOOLEAN
+from groupsync_pipeline.connectors.base import (
+    MEMBER_ROW_COLUMNS,
+    Account,
+    MemberPage,
+    RemoteGroup,
 )
-"""
-
+from groupsync_pipeline.storage.extensions import offline_connection
+from groupsync_pipeline.storage.lake import sql_text
 
 # user_groups.group_key for a new group: the next unused number. Safe because writers hold the
 # lake's writer lock (storage/lake.py); keys are never reused, as groups are never deleted.
@@ -110,52 +109,81 @@ def replace_catalog(
 
 
 class MemberStaging:
-    """Streams member pages into a private DuckDB file in chunks, so memory stays bounded."""
+    """Streams member pages to a private file as the app listed them (bounded memory).
 
-    def __init__(self, path: Path, chunk_rows: int = 20_000) -> None:
-        self.path = path
-        self.chunk_rows = chunk_rows
-        self._buffer: list[Account] = []
-        self._sample: list[Account] = []
-        self.rows = 0
-        self.other_members: Counter[str] = Counter()
+    ``read`` then goes over them once, in DuckDB, with the connector's ``member_rows_sql``,
+    into a Parquet file of rows the merge loads: no Python object per member.
+    """
+
+    def __init__(self, path: Path) -> None:
+        # One JSON array of every item listed: DuckDB reads its elements one by one. (A line
+        # per page made DuckDB hold every page's parsed document: 230 MB for 100,000 members.)
+        self.items_path = path.with_suffix(".members.json")
+        self.rows_path = path.with_suffix(".members.parquet")
         self.pages = 0
-        self._conn = open_staging_file(path, _STAGED_DDL)
+        self.listed = 0  # items listed, people or not
+        self.rows = 0  # people (kind "user"), repeats included
+        self.other_members: Counter[str] = Counter()
+        self._preview = pd.DataFrame(columns=["email", "display_name", "user_type"])
+        self._read = False
+        self._file = self.items_path.open("wb")
+        self._file.write(b"[")
 
-    def add(self, accounts: list[Account], other_members: Counter[str] | None = None) -> None:
+    def add(self, page: MemberPage) -> None:
         self.pages += 1
-        if other_members:
-            self.other_members.update(other_members)
-        self._buffer.extend(accounts)
-        if len(self._sample) < 10:
-            self._sample.extend(accounts[: 10 - len(self._sample)])
-        self.rows += len(accounts)
-        if len(self._buffer) >= self.chunk_rows:
-            self.flush()
+        if page.items:
+            text = json_text.dump(page.items)  # "[a,b]": its elements join the file's array
+            self._file.write((b"," if self.listed else b"") + text[1:-1])
+            self.listed += len(page.items)
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        frame = pd.DataFrame.from_records(self._buffer, columns=Account._fields).astype(
-            {"is_external": "bool", "enabled": "boolean"}
+    def read(self, member_rows_sql: str) -> None:
+        """Read the staged items into member rows; counts and the preview are set from them."""
+        self._file.write(b"]")
+        self._file.close()
+        rows = f"read_parquet({sql_text(str(self.rows_path))}, file_row_number = true)"
+        conn = offline_connection()
+        try:
+            conn.execute(
+                "CREATE TEMP VIEW member_items AS SELECT json AS item FROM "
+                f"read_json_objects({sql_text(str(self.items_path))}, format = 'array')"
+            )
+            # The rows keep the listing's order (file_row_number): no ORDER BY needed.
+            conn.execute(
+                f"COPY (SELECT {', '.join(MEMBER_ROW_COLUMNS)} FROM ({member_rows_sql})) "
+                f"TO {sql_text(str(self.rows_path))} (FORMAT parquet)"
+            )
+            counts = conn.execute(f"SELECT kind, count(*) FROM {rows} GROUP BY kind").fetchall()
+            for kind, count in counts:
+                if kind == "user":
+                    self.rows = int(count)
+                else:
+                    self.other_members[str(kind)] += int(count)
+            self._preview = conn.execute(
+                f"SELECT email, display_name, user_type FROM {rows} WHERE kind = 'user' "
+                "ORDER BY file_row_number LIMIT 10"
+            ).df()
+        finally:
+            conn.close()
+        self._read = True
+
+    def incoming_sql(self) -> str:
+        """A SELECT of the staged people, one row per account (its first listing)."""
+        if not self._read:
+            raise RuntimeError("MemberStaging.read() must run before the merge")
+        return (
+            f"SELECT DISTINCT ON (account_id) {', '.join(Account._fields)} "
+            f"FROM read_parquet({sql_text(str(self.rows_path))}, file_row_number = true) "
+            "WHERE kind = 'user' ORDER BY account_id, file_row_number"
         )
-        self._conn.register("chunk", frame)
-        self._conn.execute("INSERT INTO staged_accounts BY NAME SELECT * FROM chunk")
-        self._conn.unregister("chunk")
-        self._buffer = []
 
     def preview(self, limit: int = 10) -> pd.DataFrame:
-        """The first members read, for a look at what was imported."""
-        frame = pd.DataFrame.from_records(self._sample[:limit], columns=Account._fields)
-        return frame[["email", "display_name", "user_type"]]
-
-    def close(self) -> None:
-        self.flush()
-        self._conn.close()
+        """The first members listed, for a look at what was imported."""
+        return self._preview.head(limit)
 
     def remove(self) -> None:
-        self._conn.close()
-        remove_staging_file(self.path)
+        self._file.close()
+        for path in (self.items_path, self.rows_path):
+            path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -182,24 +210,13 @@ def merge_group_members(
     Joins open an interval at ``now``, leaves close one at ``now``; members who stayed are
     untouched, so re-running the same import changes no membership.
     """
-    staging.close()
     group_id = imported_group_id(connection.name, group.remote_id)
     record_connection(conn, connection, now)
-    quoted = str(staging.path).replace("'", "''")
-    conn.execute(f"ATTACH '{quoted}' AS staging (READ_ONLY)")
-    # Lake.write() detaches it after the transaction (DuckDB refuses to inside it).
-    conn.execute("CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM staging.staged_accounts")
-    rows, distinct = conn.execute(
-        "SELECT count(*), count(DISTINCT account_id) FROM incoming"
-    ).fetchall()[0]
-    if rows != distinct:  # a vendor page repeated someone: keep one row per account
-        conn.execute(
-            "CREATE OR REPLACE TEMP TABLE incoming AS "
-            "SELECT DISTINCT ON (account_id) * FROM incoming"
-        )
+    # One row per account: a vendor page may repeat someone.
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE incoming AS {staging.incoming_sql()}")
+    members = conn.execute("SELECT count(*) FROM incoming").fetchall()[0][0]
     upsert_incoming_accounts(conn, connection.name, now)
     joined, left = replace_current_members(conn, group_id, connection.name, now)
-    members = distinct
     conn.execute(
         f"""
         MERGE INTO user_groups AS g
