@@ -405,6 +405,11 @@ def test_member_rows_match_python() -> None:
     assert [a.account_id for a in accounts].count("again") == 2  # the merge keeps one
 
 
+def test_member_rows_of_an_empty_listing() -> None:
+    assert member_rows([]) == ([], {}, 0)
+    assert member_rows([MemberPage(items=[]), MemberPage(items=[])]) == ([], {}, 2)
+
+
 def test_member_rows_survive_what_json_cannot_hold() -> None:
     """Values JSON has no room for (NaN, infinity, a lone surrogate, a huge number) read as
     null or "?": the import goes on."""
