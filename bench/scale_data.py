@@ -12,6 +12,8 @@ from typing import Any
 
 import duckdb
 
+from groupsync_pipeline.sandbox.activity_stream import ADMIN_SIGN_IN_APPS, SIGN_IN_APPS
+
 CONNECTION = "bench"
 DOMAIN = "contoso.example"
 HR_STRIDE = 97  # accounts n with n % 97 == 0 are in HR (about 1 %)
@@ -51,44 +53,9 @@ AGENTS = [
     "OneDriveMpc-Transform_Thumbnail/1.0",
     "Microsoft SkyDriveSync 24.010.0114.0003 ship; Windows NT 10.0 (19045)",
 ]
-# (appDisplayName, appId, resourceDisplayName, resourceId, clientAppUsed)
-APPS = [
-    (
-        "Office 365 Exchange Online",
-        "00000002-0000-0ff1-ce00-000000000000",
-        "Office 365 Exchange Online",
-        "00000002-0000-0ff1-ce00-000000000000",
-        "Browser",
-    ),
-    (
-        "Microsoft Teams",
-        "1fec8e78-bce4-4aaf-ab1b-5451cc387264",
-        "Microsoft Teams Services",
-        "cc15fd57-2c6c-4117-a88c-83b1d56b4bbe",
-        "Mobile Apps and Desktop clients",
-    ),
-    (
-        "Office 365 SharePoint Online",
-        "00000003-0000-0ff1-ce00-000000000000",
-        "Office 365 SharePoint Online",
-        "00000003-0000-0ff1-ce00-000000000000",
-        "Browser",
-    ),
-    (
-        "Microsoft Office",
-        "d3590ed6-52b3-4102-aeff-aad2292ab01c",
-        "Microsoft Graph",
-        "00000003-0000-0000-c000-000000000000",
-        "Mobile Apps and Desktop clients",
-    ),
-    (
-        "Azure Portal",
-        "c44b4083-3bb0-49c1-b47d-974e53cbdf3c",
-        "Windows Azure Service Management API",
-        "797f4846-ba00-4fd7-ba43-dac1f8f63013",
-        "Browser",
-    ),
-]
+# (appDisplayName, appId, resourceDisplayName, resourceId, clientAppUsed): the sandbox's own,
+# four everyday apps and the Azure Portal.
+APPS = [*SIGN_IN_APPS[:4], ADMIN_SIGN_IN_APPS[0]]
 FILE_OPS = [
     "FileAccessed",
     "FileAccessed",

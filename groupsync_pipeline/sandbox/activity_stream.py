@@ -230,7 +230,7 @@ _DEVICES = (
     ),
 )
 # (appDisplayName, appId, resourceDisplayName, resourceId, clientAppUsed)
-_APPS = (
+SIGN_IN_APPS = (
     (
         "Office 365 Exchange Online",
         "00000002-0000-0ff1-ce00-000000000000",
@@ -267,7 +267,7 @@ _APPS = (
         "Browser",
     ),
 )
-_ADMIN_APPS = (
+ADMIN_SIGN_IN_APPS = (
     (
         "Azure Portal",
         "c44b4083-3bb0-49c1-b47d-974e53cbdf3c",
@@ -910,10 +910,12 @@ class ActivityStream:
                 if rand() < 0.4 and "city" not in p:
                     # Failed attempts often carry no resolved city (an unknown proxy/VPN).
                     city, state, lat, lon = None, None, None, None
-            apps = _ADMIN_APPS if is_admin and rand() < 0.6 else _APPS
+            apps = ADMIN_SIGN_IN_APPS if is_admin and rand() < 0.6 else SIGN_IN_APPS
             app = apps[int(rand() * len(apps))]
             if p.get("app"):
-                app = next((a for a in (*_APPS, *_ADMIN_APPS) if a[0] == p["app"]), app)
+                app = next(
+                    (a for a in (*SIGN_IN_APPS, *ADMIN_SIGN_IN_APPS) if a[0] == p["app"]), app
+                )
             d.update(
                 user=user,
                 user_id=uid,
