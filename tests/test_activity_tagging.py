@@ -134,6 +134,17 @@ def add_group(lake: Lake, name: str, imported_at: datetime, intervals: list) -> 
     return group_id
 
 
+def add_account(
+    lake: Lake, account_id: str, email: str, name: str, upn: str, *, enabled: bool = True
+) -> None:
+    """A member account of contoso, first and last seen at T0."""
+    with lake.write() as conn:
+        conn.execute(
+            "INSERT INTO accounts VALUES ('contoso', ?, ?, ?, ?, 'Member', false, ?, ?, ?)",
+            [account_id, email, name, upn, enabled, T0, T0],
+        )
+
+
 def tags(lake: Lake) -> dict[str, list[str]]:
     with lake.read() as conn:
         rows = conn.execute(
@@ -234,12 +245,7 @@ def test_a_late_event_inside_the_overlap_is_stored_and_tagged_by_its_own_time(
 
 def test_file_events_find_their_actor_by_sign_in_name(lake: Lake) -> None:
     add_group(lake, "HR", T0, [("u-bob", T0, None)])
-    with lake.write() as conn:
-        conn.execute(
-            "INSERT INTO accounts VALUES ('contoso', 'u-bob', 'Bob@Contoso.example', 'Bob', "
-            "'bob@contoso.example', 'Member', false, true, ?, ?)",
-            [T0, T0],
-        )
+    add_account(lake, "u-bob", "Bob@Contoso.example", "Bob", "bob@contoso.example")
     file_event = event(
         "file-1",
         T0 + timedelta(minutes=5),
@@ -352,12 +358,7 @@ def test_a_sign_in_name_handed_on_names_its_latest_holder(lake: Lake) -> None:
 
 
 def test_a_sign_in_dated_in_the_future_never_outranks_the_directory(lake: Lake) -> None:
-    with lake.write() as conn:
-        conn.execute(
-            "INSERT INTO accounts VALUES ('contoso', 'u-dir', 'eve@contoso.example', 'Eve', "
-            "'eve@contoso.example', 'Member', false, true, ?, ?)",
-            [T0, T0],
-        )
+    add_account(lake, "u-dir", "eve@contoso.example", "Eve", "eve@contoso.example")
     # A sign-in the app dated centuries ahead pairs the name with another id.
     ahead = event(
         "far", datetime(2999, 1, 1, tzinfo=UTC), actor="u-odd", email="eve@contoso.example"
@@ -576,12 +577,7 @@ def test_apps_and_the_system_are_never_external_but_sharing_links_are(
 
 
 def test_a_sparse_admin_listing_keeps_what_a_full_read_stored(lake: Lake) -> None:
-    with lake.write() as conn:
-        conn.execute(
-            "INSERT INTO accounts VALUES ('contoso', 'u-ann', 'ann@contoso.example', 'Ann', "
-            "'ann@contoso.example', 'Member', false, false, ?, ?)",
-            [T0, T0],
-        )
+    add_account(lake, "u-ann", "ann@contoso.example", "Ann", "ann@contoso.example", enabled=False)
     # Role listings carry no userType or accountEnabled.
     sparse = Account(
         "u-ann", "ann@contoso.example", "Ann", "ann@contoso.example", None, False, None
