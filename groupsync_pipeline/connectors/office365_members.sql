@@ -1,9 +1,9 @@
 -- How Graph's member objects read (GET /groups/{id}/transitiveMembers, one item each), for
--- MemberPage items in member_items(item JSON), keeping their order. Same rules as account_from_user and
--- _member_type in office365.py, which read single users (test_member_rows_match_python).
--- Nothing the service sends can fail this: a value of another JSON type than the documented
--- one reads as NULL, and an item that is not an object, or whose id is not a
--- non-empty string, is "invalid" (counted, not stored).
+-- MemberPage items in member_items(item JSON), keeping their order. Same rules as
+-- account_from_user and _member_type in office365.py, which read single users
+-- (test_member_rows_match_python). Nothing the service sends can fail this: a value of
+-- another JSON type than the documented one reads as NULL, and an item that is not an
+-- object, or whose id is not a non-empty string, is "invalid" (counted, not stored).
 WITH parsed AS (
     SELECT item, json_type(item) = 'OBJECT' AS is_object,
            from_json(item, '{"@odata.type": "JSON", "id": "JSON", "displayName": "JSON",
